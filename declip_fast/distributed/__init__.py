@@ -1,0 +1,1 @@
+"""torch.distributed helpers: gathers with gradient, FSDP2 application."""

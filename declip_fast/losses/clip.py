@@ -1,0 +1,173 @@
+"""ClipLoss: a drop-in for ``open_clip.loss.ClipLoss`` that never stores the logits.
+
+Same constructor, same ``forward`` and the same values and gradients as OpenCLIP in every
+(local_loss, gather_with_grad) mode, but the B x N logits exist only one tile at a time (see
+``declip_fast.kernels.reference``). Distributed semantics, with W ranks of B rows each:
+
+- ``local_loss=True``: rank r scores its B image rows against all N texts and its B text rows
+  against all N images (labels r*B + i). With ``gather_with_grad=True`` the gathered features
+  carry gradient back to their owners, and gradients averaged across ranks equal those of the
+  single-process loss over the global batch: the mode that scales.
+- ``local_loss=False``: every rank computes the full N x N symmetric loss; only its own slice
+  carries gradient unless ``gather_with_grad=True`` (OpenCLIP's semantics, kept as they are).
+
+``impl`` picks the implementation: ``"torch"`` (tiled, any device), ``"triton"`` (the fused GPU
+kernel), or ``"auto"`` (Triton on CUDA tensors when available, else torch). The choice is made in
+one place, :func:`resolve_impl`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from declip_fast.kernels import reference
+
+IMPLS = ("auto", "torch", "triton")
+
+
+def _triton_available() -> bool:
+    try:
+        from declip_fast.kernels import contrastive  # noqa: F401  (lands with the Triton issue)
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_impl(impl: str, features: torch.Tensor) -> str:
+    """The one dispatch point between the torch fallback and the Triton kernel."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "triton" if features.is_cuda and _triton_available() else "torch"
+    if impl == "triton":
+        if not features.is_cuda:
+            raise ValueError(f"impl='triton' needs CUDA tensors, got device {features.device}")
+        if not _triton_available():
+            raise NotImplementedError("the fused Triton contrastive kernel is not installed")
+    return impl
+
+
+def _as_scalar(name: str, value, like: torch.Tensor) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        if not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a scalar tensor or a number, got {type(value).__name__}")
+        return torch.tensor(float(value), dtype=torch.float32, device=like.device)
+    if value.numel() != 1:
+        raise ValueError(f"{name} must be a scalar, got shape {tuple(value.shape)}")
+    if not value.is_floating_point():
+        raise ValueError(f"{name} must be floating point, got {value.dtype}")
+    if value.device != like.device:
+        raise ValueError(f"{name} is on {value.device} but the features are on {like.device}")
+    return value.reshape(())
+
+
+def check_features(image_features: torch.Tensor, text_features: torch.Tensor) -> None:
+    """Raise ValueError naming the problem when the two feature batches cannot be paired."""
+    for name, t in (("image_features", image_features), ("text_features", text_features)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D [batch, dim], got shape {tuple(t.shape)}")
+        if t.shape[0] == 0 or t.shape[1] == 0:
+            raise ValueError(f"{name} is empty: shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be floating point, got {t.dtype}")
+    if image_features.shape != text_features.shape:
+        raise ValueError(
+            f"image_features {tuple(image_features.shape)} and text_features "
+            f"{tuple(text_features.shape)} must have the same shape"
+        )
+    if image_features.device != text_features.device:
+        raise ValueError(
+            f"image_features on {image_features.device} but text_features on {text_features.device}"
+        )
+    if image_features.dtype != text_features.dtype:
+        raise ValueError(
+            f"image_features are {image_features.dtype} but text_features are {text_features.dtype}"
+        )
+
+
+class ClipLoss(nn.Module):
+    """Symmetric InfoNCE over image/text features; see the module docstring."""
+
+    def __init__(
+        self,
+        local_loss: bool = False,
+        gather_with_grad: bool = False,
+        cache_labels: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        use_horovod: bool = False,
+        impl: str = "auto",
+    ):
+        super().__init__()
+        if use_horovod:
+            raise ValueError("use_horovod=True is not supported; launch with torchrun instead")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+        # Kept for signature compatibility: no labels tensor is ever built, so nothing to cache.
+        self.cache_labels = cache_labels
+        self.rank = rank
+        self.world_size = world_size
+        self.impl = impl
+
+    def _gather(self, features: torch.Tensor) -> torch.Tensor:
+        from declip_fast.distributed import collectives
+
+        if self.gather_with_grad:
+            return collectives.all_gather_with_grad(features)
+        gathered = collectives.all_gather_no_grad(features)
+        if self.local_loss:
+            return gathered
+        # As OpenCLIP: the local slice keeps its gradient, the other ranks' slices have none.
+        b = features.shape[0]
+        lo, hi = self.rank * b, (self.rank + 1) * b
+        return torch.cat([gathered[:lo], features, gathered[hi:]])
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale,
+        logit_bias=None,
+        output_dict: bool = False,
+    ):
+        check_features(image_features, text_features)
+        scale = _as_scalar("logit_scale", logit_scale, image_features)
+        impl = resolve_impl(self.impl, image_features)
+        symmetric_loss, rows_loss = _functions(impl)
+
+        if self.world_size > 1:
+            all_image = self._gather(image_features)
+            all_text = self._gather(text_features)
+            if self.local_loss:
+                offset = self.rank * image_features.shape[0]
+                loss = (
+                    rows_loss(image_features, all_text, scale, offset)
+                    + rows_loss(text_features, all_image, scale, offset)
+                ) / 2
+            else:
+                loss = symmetric_loss(all_image, all_text, scale)
+        else:
+            loss = symmetric_loss(image_features, text_features, scale)
+
+        if logit_bias is not None:
+            # A bias shared by every logit cancels in the softmax: no change to the loss, and
+            # its gradient is exactly zero. Keep it in the graph so it still receives one.
+            bias = _as_scalar("logit_bias", logit_bias, image_features)
+            loss = loss + 0.0 * bias.to(loss.dtype)
+        return {"contrastive_loss": loss} if output_dict else loss
+
+
+def _functions(impl: str):
+    """(symmetric loss, one-direction rows loss) of the chosen implementation."""
+    if impl == "triton":
+        from declip_fast.kernels import contrastive
+
+        return contrastive.clip_loss, contrastive.clip_loss_rows
+    return reference.clip_loss, reference.clip_loss_rows

@@ -1,0 +1,174 @@
+"""Plain-torch references for the kernels, and the CPU / no-Triton fallback.
+
+Contrastive loss without the N x N logits
+-----------------------------------------
+For query rows ``q`` [R, D], key rows ``k`` [C, D] and a scale ``s`` the logits are
+``X = s * q @ k.T``. The InfoNCE loss needs, per row, ``lse_r(i) = logsumexp_j X[i, j]`` and the
+positive ``X[i, offset + i]``; the symmetric CLIP loss also needs, per column,
+``lse_c(j) = logsumexp_i X[i, j]``.
+
+Forward walks X tile by tile (``row_block`` x ``col_block``). Each tile is computed once and feeds
+both the row and the column statistics, kept as a running (max, sum-of-exp) pair and merged with
+the usual rescaling ``sum_new = sum_old * exp(max_old - max_new) + sum_tile * exp(max_tile -
+max_new)``. Only the log-sum-exps (O(R + C)) are saved for backward.
+
+Backward recomputes each tile and forms the gradient of the logits without storing it:
+``dX = w_r * exp(X - lse_r) + w_c * exp(X - lse_c)`` (minus the positives, which are handled in
+O(N * D) outside the tiles). Then ``dq += s * dX @ k``, ``dk += s * dX.T @ q`` and
+``ds = sum(dX * X / s) = sum_i <q_i, (dX @ k)_i>``, which needs no extra pass over the tile.
+
+Numerics: every tile is computed in float32 (float64 for float64 inputs); inputs of lower precision
+are upcast once, which costs O(N * D) memory. The peak memory is O(N * D + tile), independent of
+the number of logits. A scalar ``logit_bias`` added to every logit cancels in a softmax, so it
+changes neither the loss nor any other gradient; its own gradient is exactly zero.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Elements of one logits tile; 2**22 float32 = 16 MiB. Columns per tile are capped so that very
+# large N still gets bounded tiles; rows per tile follow from the width.
+TILE_ELEMENTS = 1 << 22
+MAX_COL_BLOCK = 1 << 14
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _blocks(rows: int, cols: int, block) -> tuple[int, int]:
+    """(rows, cols) of one logits tile; ``block`` overrides the default (tests use small ones)."""
+    if block is not None:
+        row_block, col_block = block
+        if row_block < 1 or col_block < 1:
+            raise ValueError(f"block sizes must be positive, got {block}")
+        return min(rows, row_block), min(cols, col_block)
+    col_block = min(cols, MAX_COL_BLOCK)
+    return max(1, min(rows, TILE_ELEMENTS // col_block)), col_block
+
+
+def _spans(n: int, block: int):
+    for start in range(0, n, block):
+        yield start, min(n, start + block)
+
+
+def _merge(m_old, s_old, m_new_tile, s_tile):
+    """Merge two (running max, sum of exp) pairs; -inf maxima are safe."""
+    m = torch.maximum(m_old, m_new_tile)
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return m, s_old * torch.exp(m_old - m_safe) + s_tile * torch.exp(m_new_tile - m_safe)
+
+
+def _log_sum(m, s):
+    return m + torch.log(s)
+
+
+class _TiledContrastive(torch.autograd.Function):
+    """InfoNCE over s * q @ k.T without storing the logits.
+
+    ``symmetric=False``: mean over the R rows of ``lse_r(i) - X[i, offset + i]``.
+    ``symmetric=True`` (R == C, offset 0): the CLIP loss
+    ``(mean_i (lse_r(i) - X[i, i]) + mean_j (lse_c(j) - X[j, j])) / 2``.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, scale, offset, symmetric, block):
+        cdt = _compute_dtype(q.dtype)
+        qc, kc = q.to(cdt), k.to(cdt)
+        s = scale.detach().to(cdt)
+        rows, cols = qc.shape[0], kc.shape[0]
+        row_block, col_block = _blocks(rows, cols, block)
+
+        row_lse = torch.empty(rows, dtype=cdt, device=q.device)
+        col_m = torch.full((cols,), float("-inf"), dtype=cdt, device=q.device)
+        col_s = torch.zeros(cols, dtype=cdt, device=q.device)
+        for r0, r1 in _spans(rows, row_block):
+            r_m = torch.full((r1 - r0,), float("-inf"), dtype=cdt, device=q.device)
+            r_s = torch.zeros(r1 - r0, dtype=cdt, device=q.device)
+            for c0, c1 in _spans(cols, col_block):
+                x = torch.mm(qc[r0:r1], kc[c0:c1].T).mul_(s)
+                t_m = x.amax(dim=1)
+                r_m, r_s = _merge(r_m, r_s, t_m, (x - t_m[:, None]).exp_().sum(dim=1))
+                if symmetric:
+                    t_m = x.amax(dim=0)
+                    col_m[c0:c1], col_s[c0:c1] = _merge(
+                        col_m[c0:c1], col_s[c0:c1], t_m, (x - t_m[None, :]).exp_().sum(dim=0)
+                    )
+            row_lse[r0:r1] = _log_sum(r_m, r_s)
+
+        pos = s * (qc * kc[offset : offset + rows]).sum(dim=1)
+        if symmetric:
+            col_lse = _log_sum(col_m, col_s)
+            loss = (row_lse.sum() + col_lse.sum() - 2 * pos.sum()) / (2 * rows)
+        else:
+            col_lse = row_lse.new_empty(0)
+            loss = (row_lse.sum() - pos.sum()) / rows
+
+        ctx.save_for_backward(q, k, scale, row_lse, col_lse)
+        ctx.offset, ctx.symmetric, ctx.blocks = offset, symmetric, (row_block, col_block)
+        return loss.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        q, k, scale, row_lse, col_lse = ctx.saved_tensors
+        offset, symmetric = ctx.offset, ctx.symmetric
+        row_block, col_block = ctx.blocks
+        cdt = row_lse.dtype
+        qc, kc = q.to(cdt), k.to(cdt)
+        s = scale.detach().to(cdt)
+        g = grad_loss.to(cdt)
+        rows, cols = qc.shape[0], kc.shape[0]
+        # Weight of each softmax term in dL/dX, upstream gradient folded in.
+        w = g / (2 * rows) if symmetric else g / rows
+
+        dq = torch.zeros_like(qc)
+        dk = torch.zeros_like(kc)
+        for r0, r1 in _spans(rows, row_block):
+            for c0, c1 in _spans(cols, col_block):
+                x = torch.mm(qc[r0:r1], kc[c0:c1].T).mul_(s)
+                dx = (x - row_lse[r0:r1, None]).exp_()
+                if symmetric:
+                    dx.add_((x.sub_(col_lse[None, c0:c1])).exp_())
+                dx.mul_(w)
+                dq[r0:r1].addmm_(dx, kc[c0:c1])
+                dk[c0:c1].addmm_(dx.T, qc[r0:r1])
+        # dq holds dX @ k (unscaled), so <q, dq> summed is sum(dX * q @ k.T) = d loss / d s.
+        ds = (qc * dq).sum()
+        # Positives: every row (and, symmetric, every column) subtracts X[i, offset + i]
+        # once, with total weight g / rows per pair.
+        k_pos = kc[offset : offset + rows]
+        g_pos = g / rows
+        ds = ds - g_pos * (qc * k_pos).sum()
+        dq.mul_(s).sub_(g_pos * s * k_pos)
+        dk.mul_(s)
+        dk[offset : offset + rows].sub_(g_pos * s * qc)
+
+        dscale = ds.to(scale.dtype).reshape(scale.shape) if ctx.needs_input_grad[2] else None
+        return dq.to(q.dtype), dk.to(k.dtype), dscale, None, None, None
+
+
+def clip_loss(image_features, text_features, logit_scale, block=None):
+    """Symmetric CLIP loss over matching rows of both feature sets (labels on the diagonal).
+
+    Equals ``(CE(s I T^T, arange) + CE(s T I^T, arange)) / 2`` with O(N * D + tile) memory.
+    """
+    return _TiledContrastive.apply(
+        image_features, text_features, logit_scale, 0, True, block
+    )
+
+
+def clip_loss_rows(queries, keys, logit_scale, offset: int, block=None):
+    """One-direction InfoNCE: row i of ``queries`` matches row ``offset + i`` of ``keys``.
+
+    Equals ``CE(s Q K^T, offset + arange(R))`` with O((R + C) * D + tile) memory.
+    """
+    return _TiledContrastive.apply(queries, keys, logit_scale, offset, False, block)
+
+
+def clip_loss_dense(image_features, text_features, logit_scale):
+    """The textbook dense form, for tests: stores the full logits."""
+    logits = logit_scale * image_features @ text_features.T
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    ce = torch.nn.functional.cross_entropy
+    return (ce(logits, labels) + ce(logits.T, labels)) / 2
