@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import torch
 
-# Elements of one logits tile; 2**22 float32 = 16 MiB. Columns per tile are capped so that very
+# Elements of one logits tile; 2**21 float32 = 8 MiB. Columns per tile are capped so that very
 # large N still gets bounded tiles; rows per tile follow from the width.
-TILE_ELEMENTS = 1 << 22
+TILE_ELEMENTS = 1 << 21
 MAX_COL_BLOCK = 1 << 14
 
 

@@ -38,12 +38,14 @@ if [ ! -x "$PY" ]; then
   log "creating $VENV"
   python3 -m venv "$VENV"
 fi
-PIP=("$PY" -m pip --disable-pip-version-check -q)
+
+# pip warns about every missing folder of this machine's local package index; that is noise.
+pip_quiet() { "$PY" -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 log "installing ${TORCH_PINS[*]} (from the local disk where available)"
-"${PIP[@]}" install "${TORCH_PINS[@]}"
+pip_quiet install "${TORCH_PINS[@]}"
 # ffcv's build imports numpy and pkgconfig and forgets to declare pillow; give it all three first.
-"${PIP[@]}" install numpy pkgconfig pillow setuptools wheel
+pip_quiet install numpy pkgconfig pillow setuptools wheel
 log "installing declip_fast with extras [dev,ffcv]"
-"${PIP[@]}" install --no-build-isolation -e ".[dev,ffcv]" "${TORCH_PINS[@]}"
+pip_quiet install --no-build-isolation -e ".[dev,ffcv]" "${TORCH_PINS[@]}"
 echo "$want" > "$STAMP"
 log "done"

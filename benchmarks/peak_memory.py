@@ -1,0 +1,71 @@
+"""Peak extra host memory of one loss forward + backward, measured in a fresh process.
+
+Run as ``python -m benchmarks.peak_memory --impl ours --n 16384 --d 512``; prints JSON.
+A small warm-up step runs and the inputs are allocated first; then the kernel's resident-set high-water mark is reset
+(``/proc/self/clear_refs``, Linux >= 4.0) and one forward + backward runs. "Extra" is the peak
+resident set during that step minus the resident set before it: the logits, softmax buffers and
+gradients the loss needs, as the operating system sees them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def loss_module(impl: str):
+    if impl == "ours":
+        from declip_fast.losses import ClipLoss
+    elif impl == "open_clip":
+        from open_clip.loss import ClipLoss
+    else:
+        raise ValueError(f"unknown impl {impl!r}")
+    return ClipLoss()
+
+
+def make_inputs(n: int, d: int, dtype, seed: int = 0):
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    img = torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=-1).to(dtype)
+    txt = torch.nn.functional.normalize(torch.randn(n, d, generator=gen) + img, dim=-1).to(dtype)
+    scale = torch.tensor(1 / 0.07)
+    return img.requires_grad_(True), txt.requires_grad_(True), scale.requires_grad_(True)
+
+
+def measure(impl: str, n: int, d: int, dtype: str = "float32") -> dict:
+    import torch
+
+    loss_fn = loss_module(impl)
+    # A small warm-up step first, so one-off costs (lazily loaded math libraries, thread pools)
+    # are not charged to the step being measured.
+    loss_fn(*make_inputs(min(n, 256), d, getattr(torch, dtype))).backward()
+    img, txt, scale = make_inputs(n, d, getattr(torch, dtype))
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident set
+    loss_fn(img, txt, scale).backward()
+    peak = _status_kib("VmHWM")
+    return {"impl": impl, "n": n, "d": d, "extra_bytes": (peak - before) * 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--impl", required=True, choices=["ours", "open_clip"])
+    parser.add_argument("--n", type=int, required=True)
+    parser.add_argument("--d", type=int, required=True)
+    parser.add_argument("--dtype", default="float32")
+    args = parser.parse_args()
+    print(json.dumps(measure(args.impl, args.n, args.d, args.dtype)))
+
+
+if __name__ == "__main__":
+    main()
