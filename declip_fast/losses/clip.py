@@ -117,8 +117,15 @@ class ClipLoss(nn.Module):
         self.impl = impl
 
     def _gather(self, features: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
         from declip_fast.distributed import collectives
 
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                f"ClipLoss(world_size={self.world_size}) needs an initialized torch.distributed "
+                "process group (torchrun + dist.init_process_group)"
+            )
         if self.gather_with_grad:
             return collectives.all_gather_with_grad(features)
         gathered = collectives.all_gather_no_grad(features)

@@ -165,3 +165,21 @@ def test_bad_constructor_arguments():
         ClipLoss(rank=2, world_size=2)
     with pytest.raises(ValueError, match="triton"):
         ClipLoss(impl="triton")(torch.randn(3, 4), torch.randn(3, 4), 1.0)
+
+
+def test_world_size_without_process_group_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="process group"):
+        ClipLoss(rank=0, world_size=2)(torch.randn(3, 4), torch.randn(3, 4), 1.0)
+
+
+def test_keys_without_gradient(rng):
+    """Keys that take no gradient (gathered without grad) leave the other gradients exact."""
+    q = torch.randn(9, 12, generator=rng, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(20, 12, generator=rng, dtype=torch.float64)
+    s = torch.tensor(4.0, dtype=torch.float64, requires_grad=True)
+    reference.clip_loss_rows(q, k, s, 6, block=(4, 8)).backward()
+    got = (q.grad.clone(), s.grad.clone())
+    q.grad, s.grad = None, None
+    torch.nn.functional.cross_entropy(s * q @ k.T, torch.arange(9) + 6).backward()
+    assert torch.allclose(got[0], q.grad, atol=1e-12) and torch.allclose(got[1], s.grad, atol=1e-12)
+    assert k.grad is None
