@@ -13,7 +13,10 @@ Same constructor, same ``forward`` and the same values and gradients as OpenCLIP
 
 ``impl`` picks the implementation: ``"torch"`` (tiled, any device), ``"triton"`` (the fused GPU
 kernel), or ``"auto"`` (Triton on CUDA tensors when available, else torch). The choice is made in
-one place, :func:`resolve_impl`.
+one place, :func:`resolve_impl`. On Triton the scalable mode gathers only the texts and computes
+each logit of the global matrix once (``kernels.contrastive.clip_loss_gathered``): per-rank
+losses equal OpenCLIP's, and gradients averaged over ranks equal the global-batch loss's (the
+per-rank split of the logit_scale gradient differs from OpenCLIP's, its average does not).
 """
 
 from __future__ import annotations
@@ -149,7 +152,15 @@ class ClipLoss(nn.Module):
         impl = resolve_impl(self.impl, image_features)
         symmetric_loss, rows_loss = _functions(impl)
 
-        if self.world_size > 1:
+        if self.world_size > 1 and impl == "triton" and self.local_loss and self.gather_with_grad:
+            # The scalable mode on the fused kernel: only texts are gathered, column statistics
+            # are all-gathered instead, and each logit is computed once in the whole job.
+            from declip_fast.kernels import contrastive
+
+            offset = self.rank * image_features.shape[0]
+            all_text = self._gather(text_features)
+            loss = contrastive.clip_loss_gathered(image_features, all_text, scale, offset)
+        elif self.world_size > 1:
             all_image = self._gather(image_features)
             all_text = self._gather(text_features)
             if self.local_loss:

@@ -1,0 +1,160 @@
+"""The fused Triton contrastive kernels against float64 math.
+
+On the CPU the kernels run under the Triton interpreter (fp32 and fp16; the interpreter's bf16 is
+wrong upstream). Every Hopper autotune config is compiled for sm_90 and must not spill. The `gpu`
+tests repeat the comparison on a GPU in bf16/fp16/fp32 up to N = 65536.
+"""
+
+import pytest
+import torch
+
+from declip_fast.kernels import contrastive, reference
+from tests.sm90 import compile_sm90
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _pair(m, n, d, dtype, gen, device=DEVICE):
+    a = torch.nn.functional.normalize(torch.randn(m, d, generator=gen, dtype=torch.float64), dim=-1)
+    b = torch.nn.functional.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=-1)
+    b[: min(m, n)] += 0.5 * a[: min(m, n)]  # correlated pairs: a loss that is not flat
+    b = torch.nn.functional.normalize(b, dim=-1)
+    return a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
+
+
+def _grads(fn, a, b, scale, upstream=1.7):
+    a, b, scale = (t.detach().clone().requires_grad_(True) for t in (a, b, scale))
+    loss = fn(a, b, scale)
+    (loss * upstream).backward()  # a non-unit upstream gradient
+    return [loss.detach(), a.grad, b.grad, scale.grad]
+
+
+def _errors(got, exact):
+    return [(g.double() - e.double()).abs().max().item() for g, e in zip(got, exact)]
+
+
+def _rows_dense(offset):
+    def fn(q, k, s):
+        labels = torch.arange(q.shape[0], device=q.device) + offset
+        return torch.nn.functional.cross_entropy(s * q @ k.T, labels)
+
+    return fn
+
+
+# Extra absolute slack per dtype on top of 2x PyTorch's own error: the loss and gradients are
+# returned in the input dtype, so one rounding of a value of size ~10 (fp16: 2^-11 relative).
+ATOL = {torch.float32: 1e-6, torch.float16: 1e-2, torch.bfloat16: 8e-2}
+
+
+def _check(fused, dense, a, b, scale, exact_fn=None):
+    """|fused - float64| <= 2 * |PyTorch in the same dtype - float64| + atol + rtol * |float64|,
+    for every output. rtol = 4 eps: the kernel works in base 2, and the one rounding of
+    s * log2(e) scales every logit by (1 + eps), which moves every output by ~eps relative.
+
+    ``exact_fn`` (default: ``dense``) computes the float64 answer; large GPU cases pass the tiled
+    reference, whose float64 logits never exist in full.
+    """
+    exact = _grads(exact_fn or dense, a.double(), b.double(), scale.double())
+    ours = _errors(_grads(fused, a, b, scale), exact)
+    torch_err = _errors(_grads(dense, a, b, scale.to(a.dtype)), exact)
+    rtol = 4 * torch.finfo(torch.float32).eps
+    for name, e, t, x in zip(("loss", "d a", "d b", "d scale"), ours, torch_err, exact):
+        bound = 2 * t + ATOL[a.dtype] + rtol * x.abs().max().item()
+        assert e <= bound, f"{name}: error {e:.3g} > {bound:.3g} (PyTorch's {t:.3g})"
+
+
+CPU_DTYPES = [torch.float32, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("d", [3, 100, 640])
+@pytest.mark.parametrize("n", [1, 33, 257])
+def test_symmetric_matches_float64(n, d, dtype, rng):
+    a, b = _pair(n, n, d, dtype, rng)
+    scale = torch.tensor(float(torch.empty(()).uniform_(5, 100, generator=rng)), device=DEVICE)
+    _check(contrastive.clip_loss, reference.clip_loss_dense, a, b, scale)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("m, n, offset", [(7, 130, 0), (33, 99, 66), (65, 130, 65)])
+def test_rows_matches_float64(m, n, offset, dtype, rng):
+    a, b = _pair(m, n, 48, dtype, rng)
+    scale = torch.tensor(14.0, device=DEVICE)
+    fused = lambda q, k, s: contrastive.clip_loss_rows(q, k, s, offset)
+    _check(fused, _rows_dense(offset), a, b, scale)
+
+
+def test_scale_100_is_finite_and_keys_without_grad(rng):
+    """s = 100 with near-duplicate rows (logits up to 100 apart) and a key side with no grad."""
+    a, b = _pair(40, 40, 16, torch.float32, rng)
+    b[5] = a[9]
+    q = a.clone().requires_grad_(True)
+    s = torch.tensor(100.0, device=DEVICE, requires_grad=True)
+    contrastive.clip_loss(q, b, s).backward()
+    exact = reference.clip_loss_dense(a.double(), b.double(), torch.tensor(100.0, dtype=torch.float64, device=DEVICE))
+    assert torch.isfinite(q.grad).all() and torch.isfinite(s.grad)
+    assert abs(contrastive.clip_loss(a, b, s).item() - exact.item()) < 1e-4
+
+
+# ----------------------------------------------------------------------------- sm_90 builds
+
+_T = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
+_FWD_ARGS = dict(
+    scale_ptr="*fp32", row_m_ptr="*fp32", row_l_ptr="*fp32", col_m_ptr="*fp32",
+    col_l_ptr="*fp32", pos_ptr="*fp32", M="i32", N="i32", D="i32", offset="i32",
+    M_BUCKET="i32", N_BUCKET="i32", stride_am="i32", stride_ad="i32", stride_bn="i32",
+    stride_bd="i32",
+)
+_BWD_ARGS = dict(
+    scale_ptr="*fp32", row_m_ptr="*fp32", row_l_ptr="*fp32", col_m_ptr="*fp32",
+    col_l_ptr="*fp32", da_ptr="*fp32", db_ptr="*fp32",
+    ds_ptr="*fp32", M="i32", N="i32", D="i32", offset="i32", M_BUCKET="i32", N_BUCKET="i32",
+    w_row="fp32", w_col="fp32", w_pos="fp32", stride_am="i32", stride_ad="i32",
+    stride_bn="i32", stride_bd="i32",
+)
+
+
+def _specs():
+    specs = []
+    for dtype in _T:
+        precision = contrastive._precision(dtype)
+        for kernel, args, configs, flags in (
+            ("_fwd_kernel", _FWD_ARGS, contrastive.HOPPER_FWD, dict(SYMMETRIC=True)),
+            ("_bwd_kernel", _BWD_ARGS, contrastive.HOPPER_BWD, dict(SYMMETRIC=True, WANT_DB=True)),
+        ):
+            for meta, opts in configs:
+                consts = dict(PRECISION=precision, **flags, **meta)
+                signature = dict(a_ptr=_T[dtype], b_ptr=_T[dtype], **args, **{k: "constexpr" for k in consts})
+                specs.append(dict(module="declip_fast.kernels.contrastive", kernel=kernel,
+                                  signature=signature, constexprs=consts, **opts))
+    return specs
+
+
+@pytest.mark.slow
+def test_every_hopper_config_compiles_without_spills():
+    specs = _specs()
+    for spec, res in zip(specs, compile_sm90(specs)):
+        what = f"{spec['kernel']} {spec['signature']['a_ptr']} {spec['constexprs']}"
+        assert res.spills == 0, f"{what}: {res.spills} spill bytes ({res.registers} registers)"
+        assert res.has_wgmma, f"{what}: no wgmma in the PTX"
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+GPU_CASES = [
+    (n, d, dtype)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32)
+    for n, d in [(1, 3), (257, 640), (4099, 1000), (16384, 2048)]
+] + [
+    # The dense same-dtype comparison stores several N x N matrices: 65536 fits in 16 bits.
+    (65536, 512, torch.bfloat16), (65536, 512, torch.float16), (32768, 512, torch.float32),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n, d, dtype", GPU_CASES)
+def test_gpu_symmetric_matches_float64(n, d, dtype, rng):
+    a, b = _pair(n, n, d, dtype, rng)
+    scale = torch.tensor(100.0, device=DEVICE)
+    _check(contrastive.clip_loss, reference.clip_loss_dense, a, b, scale, reference.clip_loss)
