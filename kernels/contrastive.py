@@ -62,29 +62,48 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# Hopper (sm_90) tilings: 128x128 wgmma tiles on two warp groups, or 64-row tiles on one. The
-# interpreter gets one config with big tiles: it costs ~3 ms per program per loop iteration.
-# Kept as plain data so tests can compile each one for sm_90 (tests/kernels/test_contrastive.py).
-HOPPER_FWD = [
-    (dict(BM=128, BN=128, BK=64), dict(num_warps=8, num_stages=3)),
-    (dict(BM=128, BN=128, BK=32), dict(num_warps=8, num_stages=4)),
-    (dict(BM=64, BN=128, BK=64), dict(num_warps=4, num_stages=4)),
-]
-HOPPER_BWD = [
-    (dict(BM=128, BN=128, BK=64, BD=64), dict(num_warps=8, num_stages=2)),
-    (dict(BM=64, BN=128, BK=64, BD=64), dict(num_warps=8, num_stages=3)),
-    (dict(BM=64, BN=64, BK=64, BD=128), dict(num_warps=4, num_stages=3)),
-]
-INTERPRETER_FWD = [(dict(BM=64, BN=64, BK=128), dict(num_warps=4, num_stages=1))]
-INTERPRETER_BWD = [(dict(BM=64, BN=64, BK=128, BD=128), dict(num_warps=4, num_stages=1))]
+# Hopper (sm_90) tilings, per input class; every one compiles for sm_90 without spills
+# (tests/kernels/test_contrastive.py checks). 16-bit inputs run on wgmma; fp32 inputs use three
+# TF32 products per dot and need small tiles to stay in registers. The interpreter gets one config
+# with big tiles: it costs ~3 ms per program per loop iteration, whatever the tile.
+HOPPER_FWD = {
+    "16-bit": [
+        (dict(BM=128, BN=64, BK=64), dict(num_warps=8, num_stages=3)),
+        (dict(BM=64, BN=128, BK=32), dict(num_warps=4, num_stages=3)),
+        (dict(BM=64, BN=64, BK=32), dict(num_warps=4, num_stages=3)),
+    ],
+    "fp32": [(dict(BM=64, BN=64, BK=32), dict(num_warps=4, num_stages=3))],
+}
+HOPPER_BWD = {
+    "16-bit": [
+        (dict(BM=128, BN=64, BK=64, BD=32), dict(num_warps=8, num_stages=2)),
+        (dict(BM=64, BN=128, BK=32, BD=32), dict(num_warps=8, num_stages=2)),
+        (dict(BM=64, BN=64, BK=32, BD=32), dict(num_warps=4, num_stages=2)),
+    ],
+    "fp32": [(dict(BM=32, BN=32, BK=32, BD=32), dict(num_warps=4, num_stages=2))],
+}
+INTERPRETER_FWD = {"any": [(dict(BM=64, BN=64, BK=128), dict(num_warps=4, num_stages=1))]}
+INTERPRETER_BWD = {"any": [(dict(BM=64, BN=64, BK=128, BD=128), dict(num_warps=4, num_stages=1))]}
 
 
-def _configs(entries):
-    return [triton.Config(meta, **opts) for meta, opts in entries]
+def input_class(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "16-bit"
 
 
-FWD_CONFIGS = _configs(INTERPRETER_FWD if _interpreting() else HOPPER_FWD)
-BWD_CONFIGS = _configs(INTERPRETER_BWD if _interpreting() else HOPPER_BWD)
+def _tuning(table):
+    """(all configs, a pruner that keeps those of the call's input class)."""
+    by_class = {k: [triton.Config(meta, **opts) for meta, opts in v] for k, v in table.items()}
+
+    def prune(configs, named_args, **kwargs):
+        if len(by_class) == 1:
+            return next(iter(by_class.values()))
+        return by_class[input_class(named_args["a_ptr"].dtype)]
+
+    return [c for v in by_class.values() for c in v], {"early_config_prune": prune}
+
+
+FWD_CONFIGS, FWD_PRUNE = _tuning(INTERPRETER_FWD if _interpreting() else HOPPER_FWD)
+BWD_CONFIGS, BWD_PRUNE = _tuning(INTERPRETER_BWD if _interpreting() else HOPPER_BWD)
 
 # The autotune key: the shapes that change the best tiling, and the dtype (via the pointer types).
 TUNE_KEY = ["M_BUCKET", "N_BUCKET", "D", "SYMMETRIC"]
@@ -118,7 +137,7 @@ def _merge(m1, l1, m2, l2):
     return m, l1 * tl.exp2(m1 - m_safe) + l2 * tl.exp2(m2 - m_safe)
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY,
+@triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY, prune_configs_by=FWD_PRUNE,
                  restore_value=["row_m_ptr", "row_l_ptr", "col_m_ptr", "col_l_ptr"])
 @triton.jit
 def _fwd_kernel(
@@ -175,7 +194,8 @@ def _fwd_kernel(
         tl.store(row_l_ptr + slot, l_i, mask=rmask)
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=TUNE_KEY, reset_to_zero=["da_ptr", "db_ptr"])
+@triton.autotune(configs=BWD_CONFIGS, key=TUNE_KEY, prune_configs_by=BWD_PRUNE,
+                 reset_to_zero=["da_ptr", "db_ptr"])
 @triton.jit
 def _bwd_kernel(
     # pointers

@@ -122,6 +122,7 @@ def _specs():
             ("_fwd_kernel", _FWD_ARGS, contrastive.HOPPER_FWD, dict(SYMMETRIC=True)),
             ("_bwd_kernel", _BWD_ARGS, contrastive.HOPPER_BWD, dict(SYMMETRIC=True, WANT_DB=True)),
         ):
+            configs = configs[contrastive.input_class(dtype)]
             for meta, opts in configs:
                 consts = dict(PRECISION=precision, **flags, **meta)
                 signature = dict(a_ptr=_T[dtype], b_ptr=_T[dtype], **args, **{k: "constexpr" for k in consts})
@@ -133,10 +134,14 @@ def _specs():
 @pytest.mark.slow
 def test_every_hopper_config_compiles_without_spills():
     specs = _specs()
+    problems = []
     for spec, res in zip(specs, compile_sm90(specs)):
         what = f"{spec['kernel']} {spec['signature']['a_ptr']} {spec['constexprs']}"
-        assert res.spills == 0, f"{what}: {res.spills} spill bytes ({res.registers} registers)"
-        assert res.has_wgmma, f"{what}: no wgmma in the PTX"
+        if res.spills:
+            problems.append(f"{what}: {res.spills} spill bytes ({res.registers} registers)")
+        if spec["signature"]["a_ptr"] != "*fp32" and not res.has_wgmma:
+            problems.append(f"{what}: no wgmma in the PTX")
+    assert not problems, "\n".join(problems)
 
 
 # ----------------------------------------------------------------------------- GPU
