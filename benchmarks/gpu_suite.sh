@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The one script a GPU box runs (offline; its own torch + triton): installs the project without
+# dependencies, runs the gpu tests, then the GPU benchmarks, writing logs and JSON under $OUT.
+# A failing part is reported and the rest still runs; the exit code says whether all passed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results/gpu-$(date +%F)}
+mkdir -p "$OUT"
+status=0
+run() {  # run NAME CMD...: log to $OUT/NAME.log, remember a failure, go on
+  local name=$1; shift
+  echo "== $name"
+  if ! "$@" 2>&1 | tee "$OUT/$name.log"; then echo "!! $name failed"; status=1; fi
+}
+export PYTHONUNBUFFERED=1
+if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps .whl/*.whl || status=1; fi
+run install python3 -m pip install -q --no-deps --no-build-isolation -e .
+run versions python3 -c "import torch, triton, subprocess; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name()); print(subprocess.run(['nvidia-smi', '--query-gpu=driver_version', '--format=csv,noheader'], capture_output=True, text=True).stdout)"
+run gpu-tests python3 -m pytest tests -m gpu -q -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml"
+run gpu-bench python3 -m pytest benchmarks/bench_contrastive.py -q -p no:cacheprovider \
+  --benchmark-json="$OUT/bench_contrastive.json"
+exit $status
