@@ -72,7 +72,7 @@ HOPPER_FWD = {
         (dict(BM=64, BN=128, BK=32), dict(num_warps=4, num_stages=3)),
         (dict(BM=64, BN=64, BK=32), dict(num_warps=4, num_stages=3)),
     ],
-    "fp32": [(dict(BM=64, BN=64, BK=32), dict(num_warps=4, num_stages=3))],
+    "fp32": [(dict(BM=64, BN=64, BK=16), dict(num_warps=4, num_stages=3))],
 }
 HOPPER_BWD = {
     "16-bit": [
@@ -110,12 +110,20 @@ TUNE_KEY = ["M_BUCKET", "N_BUCKET", "D", "SYMMETRIC"]
 
 
 @triton.jit
+def _block(ptr, row0, rows, D, stride_r, stride_d, BR: tl.constexpr, BC: tl.constexpr):
+    """Block pointer to rows [row0, row0 + BR) x columns [0, BC). The row offset is applied to
+    the base pointer in int64, so row0 * stride may pass 2^31; offsets inside stay small."""
+    base = ptr + tl.cast(row0, tl.int64) * stride_r
+    return tl.make_block_ptr(base, (rows - row0, D), (stride_r, stride_d), (0, 0), (BR, BC), (1, 0))
+
+
+@triton.jit
 def _logits_tile(a_ptr, b_ptr, row0, col0, M, N, D, stride_am, stride_ad, stride_bn, stride_bd,
                  scale2, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  PRECISION: tl.constexpr):
     """One BM x BN tile of s*log2(e) * a @ b.T in fp32; out-of-range entries are -inf."""
-    a_blk = tl.make_block_ptr(a_ptr, (M, D), (stride_am, stride_ad), (row0, 0), (BM, BK), (1, 0))
-    b_blk = tl.make_block_ptr(b_ptr, (N, D), (stride_bn, stride_bd), (col0, 0), (BN, BK), (1, 0))
+    a_blk = _block(a_ptr, row0, M, D, stride_am, stride_ad, BM, BK)
+    b_blk = _block(b_ptr, col0, N, D, stride_bn, stride_bd, BN, BK)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for _ in range(0, tl.cdiv(D, BK)):
         a = tl.load(a_blk, boundary_check=(0, 1), padding_option="zero")
@@ -242,10 +250,8 @@ def _bwd_kernel(
             # d loss / d s = sum(dX * x) / (s * log2 e); the division happens once, at the end.
             ds += tl.sum(tl.where(valid, dx * x, 0.0), axis=1)
             dx_in = dx.to(a_ptr.dtype.element_ty)
-            b_blk = tl.make_block_ptr(b_ptr, (N, D), (stride_bn, stride_bd), (cb * BN, 0),
-                                      (BN, BD), (1, 0))
-            a_blk = tl.make_block_ptr(a_ptr, (M, D), (stride_am, stride_ad), (rb * BM, 0),
-                                      (BM, BD), (1, 0))
+            b_blk = _block(b_ptr, cb * BN, N, D, stride_bn, stride_bd, BN, BD)
+            a_blk = _block(a_ptr, rb * BM, M, D, stride_am, stride_ad, BM, BD)
             for d0 in range(0, D, BD):
                 dd = d0 + rd
                 dmask = dd < D
