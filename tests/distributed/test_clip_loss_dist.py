@@ -3,12 +3,12 @@ the same setting, and the scalable mode against the single-process global-batch 
 
 import itertools
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from tests.distributed.launch import run_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -58,17 +58,9 @@ def _worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist")
-    mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, start_method="spawn")
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    return run_ranks(_worker, WORLD, tmp_path_factory.mktemp("dist"))
 
 
 def _max_err(a, b):

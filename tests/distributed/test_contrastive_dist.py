@@ -4,12 +4,12 @@ columns, column statistics are all-gathered, and gradients averaged across ranks
 single-process global-batch loss in float64."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from tests.distributed.launch import run_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -42,18 +42,11 @@ def _worker(rank, port, out_dir, device):
         dist.destroy_process_group()
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_gathered_mode_equals_global_batch_loss(tmp_path):
     from open_clip.loss import ClipLoss as OpenClipLoss
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    mp.start_processes(_worker, args=(_port(), str(tmp_path), device), nprocs=WORLD, start_method="spawn")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = run_ranks(_worker, WORLD, tmp_path, device)
 
     img, txt, scale = (t.double().requires_grad_(True) for t in _inputs())
     (OpenClipLoss()(img, txt, scale) * 1.3).backward()
