@@ -43,7 +43,6 @@ features and of ``s`` equal the single-process global-batch loss.
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -51,7 +50,6 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 # Rectangles per axis: P_r * P_c programs; partial statistics cost (P_r + P_c) * N * 8 bytes.
