@@ -13,7 +13,11 @@ run() {  # run NAME CMD...: log to $OUT/NAME.log, remember a failure, go on
   if ! "$@" 2>&1 | tee "$OUT/$name.log"; then echo "!! $name failed"; status=1; fi
 }
 export PYTHONUNBUFFERED=1
-if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps .whl/*.whl || status=1; fi
+# Peers brought along by scripts/fetch_wheels.sh (a compatible wheel each; installed ones kept).
+if [ -d .whl ]; then
+  run peers python3 -m pip install -q --no-index --find-links .whl --no-deps \
+    inf-cl open-clip-torch ftfy wcwidth regex tqdm
+fi
 run install python3 -m pip install -q --no-deps --no-build-isolation -e .
 run versions python3 -c "import torch, triton, subprocess; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name()); print(subprocess.run(['nvidia-smi', '--query-gpu=driver_version', '--format=csv,noheader'], capture_output=True, text=True).stdout)"
 run gpu-tests python3 -m pytest tests -m gpu -q -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml"

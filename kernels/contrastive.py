@@ -21,10 +21,14 @@ the host folds them with one ``logsumexp`` over a [P, N] tensor: O(P * N) extra 
 O(N^2), and one logits product in total for both directions.
 
 Backward. The same rectangles; each tile is recomputed once (2MND FLOPs), turned into
-``dX = w_r * exp2(x - lse_r) + w_c * exp2(x - lse_c)`` minus ``w_pos`` on the positives, cast to the
-input dtype for the tensor cores, and multiplied out in D-chunks: ``dA += s * dX @ b`` and
+``dX = w_r * exp2(x - lse_r) + w_c * exp2(x - lse_c)`` minus ``w_pos`` on the positives (held
+relative to ``w_pos``, so the 16-bit copy never underflows at large N), cast to the input dtype
+for the tensor cores, and multiplied out in D-chunks: ``dA += s * dX @ b`` and
 ``dB += s * dX.T @ a`` (4MND FLOPs), accumulated with fp32 atomics. ``d s = sum(dX * X / s)`` is a
 per-program register sum. Total 8MND for forward + backward, the budget of SPEC section 5.
+fp32 inputs accumulate straight into their gradients. 16-bit inputs accumulate into fp32 windows
+of at most WORKSPACE_BYTES (rows x columns of the problem, one launch per window pair; see
+:func:`backward_grads`), so the memory beyond inputs and gradients stays a few tens of MiB at any N.
 
 Numerics. fp32 accumulation everywhere; bf16/fp16 inputs are loaded as they are for ``tl.dot``
 (exact products, fp32 sums); fp32 inputs use ``tf32x3`` dots (three TF32 tensor-core products, about
@@ -54,6 +58,12 @@ LN2 = 0.6931471805599453
 
 # Rectangles per axis: P_r * P_c programs; partial statistics cost (P_r + P_c) * N * 8 bytes.
 MAX_PROGRAMS_PER_AXIS = 16
+
+# Backward fp32 accumulators for 16-bit inputs (plan_windows): at most this many bytes, so that
+# with the forward's saved statistics the loss needs < 64 MiB beyond inputs and gradients.
+WORKSPACE_BYTES = 48 << 20
+MIN_WINDOW = 64
+MAX_ROUNDINGS = 16
 
 
 def _interpreting() -> bool:
@@ -201,14 +211,15 @@ def _fwd_kernel(
 
 
 @triton.autotune(configs=BWD_CONFIGS, key=TUNE_KEY, prune_configs_by=BWD_PRUNE,
-                 reset_to_zero=["da_ptr", "db_ptr"])
+                 restore_value=["da_ptr", "db_ptr"])
 @triton.jit
 def _bwd_kernel(
     # pointers
-    a_ptr, b_ptr, scale_ptr, row_m_ptr, row_l_ptr, col_m_ptr, col_l_ptr, da_ptr, db_ptr, ds_ptr,
+    a_ptr, b_ptr, scale_ptr, mult_ptr, row_m_ptr, row_l_ptr, col_m_ptr, col_l_ptr, da_ptr, db_ptr,
+    ds_ptr,
     # shapes and weights
-    M, N, D, offset, M_BUCKET, N_BUCKET, w_row, w_col, w_pos,
-    # strides (the fp32 gradient buffers are contiguous [M, D] and [N, D])
+    M, N, D, offset, M_BUCKET, N_BUCKET, w_row, w_col,
+    # strides (the fp32 gradient accumulators are contiguous [M, D] and [N, D])
     stride_am, stride_ad, stride_bn, stride_bd,
     # constexprs
     SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr, WANT_DB: tl.constexpr,
@@ -220,6 +231,11 @@ def _bwd_kernel(
     cb_per = tl.cdiv(tl.cdiv(N, BN), tl.num_programs(1))
     scale = tl.load(scale_ptr).to(tl.float32)
     scale2 = scale * 1.4426950408889634
+    # dX is built relative to the positives' weight (a positive contributes -1, probabilities at
+    # most w_row + w_col), so its 16-bit copy for the tensor cores stays in the normal range
+    # whatever the batch size; ``mult`` (w_pos times the upstream gradient) is applied in fp32.
+    mult = tl.load(mult_ptr).to(tl.float32)
+    out_scale = scale * mult
     rb_end = tl.minimum((pid_r + 1) * rb_per, tl.cdiv(M, BM))
     cb_end = tl.minimum((pid_c + 1) * cb_per, tl.cdiv(N, BN))
     rd = tl.arange(0, BD)
@@ -242,7 +258,7 @@ def _bwd_kernel(
                 c_m = tl.load(col_m_ptr + cols64, mask=cmask, other=0.0)
                 c_l = tl.load(col_l_ptr + cols64, mask=cmask, other=0.0)
                 dx += w_col * tl.exp2((x - c_m[None, :]) - c_l[None, :])
-            dx = tl.where(cols[None, :] == rows[:, None] + offset, dx - w_pos, dx)
+            dx = tl.where(cols[None, :] == rows[:, None] + offset, dx - 1.0, dx)
             valid = rmask[:, None] & cmask[None, :]
             dx = tl.where(valid, dx, 0.0)
             # d loss / d s = sum(dX * x) / (s * log2 e); the division happens once, at the end.
@@ -254,17 +270,17 @@ def _bwd_kernel(
                 dd = d0 + rd
                 dmask = dd < D
                 b = tl.load(b_blk, boundary_check=(0, 1), padding_option="zero")
-                da = tl.dot(dx_in, b, input_precision=PRECISION) * scale
+                da = tl.dot(dx_in, b, input_precision=PRECISION) * out_scale
                 tl.atomic_add(da_ptr + rows64[:, None] * D + dd[None, :], da,
                               mask=rmask[:, None] & dmask[None, :], sem="relaxed")
                 if WANT_DB:
                     a = tl.load(a_blk, boundary_check=(0, 1), padding_option="zero")
-                    db = tl.dot(tl.trans(dx_in), a, input_precision=PRECISION) * scale
+                    db = tl.dot(tl.trans(dx_in), a, input_precision=PRECISION) * out_scale
                     tl.atomic_add(db_ptr + cols64[:, None] * D + dd[None, :], db,
                                   mask=cmask[:, None] & dmask[None, :], sem="relaxed")
                 b_blk = tl.advance(b_blk, (0, BD))
                 a_blk = tl.advance(a_blk, (0, BD))
-    tl.store(ds_ptr + pid_r * tl.num_programs(1) + pid_c, tl.sum(ds, axis=0) / scale2)
+    tl.store(ds_ptr + pid_r * tl.num_programs(1) + pid_c, tl.sum(ds, axis=0) * (mult / scale2))
 
 
 # ----------------------------------------------------------------------------- host launchers
@@ -332,28 +348,85 @@ def forward_stats(a, b, scale, offset: int, symmetric: bool):
     return row, col, pos
 
 
-def backward_grads(a, b, scale, row, col, offset: int, weights, want_db: bool):
-    """fp32 (dA, dB or None, d scale) for dX = w_row * P_row + w_col * P_col - w_pos * I, from
-    the base-2 log-sum-exps of :func:`forward_stats`.
+def plan_windows(m: int, n: int, d: int, dtype: torch.dtype, want_db: bool,
+                 workspace_bytes: int | None = None) -> tuple[int, int]:
+    """(rows, columns) per backward window so that the fp32 accumulators fit ``workspace_bytes``.
 
-    The weights are plain numbers from the shapes; the caller applies the upstream gradient.
+    fp32 inputs accumulate straight into their gradients: one window, no workspace. 16-bit inputs
+    need fp32 accumulators of (rows + columns) x D; when the whole problem fits the budget it is
+    one window (every gradient rounded once), otherwise row windows are as tall as the budget
+    allows after a narrow column window (see :func:`backward_grads` for what that costs), and at
+    most MAX_ROUNDINGS of them (for huge N * D that outgrows the budget).
+    """
+    if dtype == torch.float32:
+        return m, n
+    budget = WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes
+    fits = max(budget // (4 * d), 2 * MIN_WINDOW)  # accumulator rows the budget holds
+    if m + (n if want_db else 0) <= fits:
+        return m, n
+    if not want_db:
+        return min(m, fits), n
+    cols = min(n, max(MIN_WINDOW, fits // 8 // MIN_WINDOW * MIN_WINDOW))
+    rows = min(m, max(MIN_WINDOW, (fits - cols) // MIN_WINDOW * MIN_WINDOW))
+    # Past MAX_ROUNDINGS row windows the budget yields to precision.
+    rows = max(rows, min(m, triton.cdiv(m, MAX_ROUNDINGS)))
+    return rows, cols
+
+
+def backward_grads(a, b, scale, row, col, offset: int, weights, want_db: bool, grad_loss,
+                   workspace_bytes: int | None = None):
+    """(dA, dB or None, d scale) of ``grad_loss`` times the loss whose logit gradient is
+    dX = w_row * P_row + w_col * P_col - w_pos * I, from the base-2 log-sum-exps of
+    :func:`forward_stats`. dA and dB come back in the input dtype, d scale in fp32.
+
+    Memory: the kernel accumulates in fp32 with atomics. For 16-bit inputs the accumulators are
+    windows (:func:`plan_windows`): rows [r0, r1) x columns [c0, c1), one launch per pair, row
+    windows outside. A row window's dA is complete after its column sweep and is cast once; dB of
+    a column window is complete only after every row window, so with several row windows it is
+    added into the 16-bit gradient once per row window (a few roundings instead of one, which
+    is what keeps the extra memory bounded: exact fp32 accumulators for both sides would need
+    (M + N) * D * 4 bytes, 512 MiB at N = 131072, D = 512). Every logit is still recomputed once.
     """
     m, n, d = a.shape[0], b.shape[0], a.shape[1]
-    p_r, p_c = _grid_dims(m, n)
-    da = torch.zeros((m, d), dtype=torch.float32, device=a.device)
-    db = torch.zeros((n, d) if want_db else (1, d), dtype=torch.float32, device=a.device)
-    ds = torch.zeros((p_r, p_c), dtype=torch.float32, device=a.device)
+    w_row, w_col, w_pos = weights
     symmetric = col is not None
     col = col if symmetric else row  # unused when not symmetric
-    w_row, w_col, w_pos = weights
-    _bwd_kernel[(p_r, p_c)](
-        a, b, scale.detach().reshape(1).to(torch.float32), row[0], row[1], col[0], col[1],
-        da, db, ds,
-        m, n, d, offset, _bucket(m), _bucket(n), w_row, w_col, w_pos,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        SYMMETRIC=symmetric, PRECISION=_precision(a.dtype), WANT_DB=want_db,
-    )
-    return da, (db if want_db else None), ds.sum()
+    f32 = dict(dtype=torch.float32, device=a.device)
+    mult = (grad_loss.detach().to(torch.float32) * w_pos).reshape(1)
+    scale32 = scale.detach().reshape(1).to(torch.float32)
+    rows, cols = plan_windows(m, n, d, a.dtype, want_db, workspace_bytes)
+    direct = a.dtype == torch.float32  # accumulate into the gradients themselves
+    da = torch.zeros((m, d), dtype=a.dtype, device=a.device) if direct else torch.empty_like(a)
+    db = torch.zeros((n, d), dtype=b.dtype, device=b.device) if want_db else None
+    if want_db and not direct:
+        db = torch.empty_like(b)
+    da_win = da if direct else torch.empty((rows, d), **f32)
+    db_win = (db if direct else torch.empty((cols, d), **f32)) if want_db else torch.empty((1, d), **f32)
+    ds_parts = []
+    for r0 in range(0, m, rows):
+        r1 = min(m, r0 + rows)
+        acc_a = da_win if direct else da_win[: r1 - r0].zero_()
+        for c0 in range(0, n, cols):
+            c1 = min(n, c0 + cols)
+            acc_b = db_win if direct or not want_db else db_win[: c1 - c0].zero_()
+            p_r, p_c = _grid_dims(r1 - r0, c1 - c0)
+            ds = torch.empty((p_r, p_c), **f32)
+            _bwd_kernel[(p_r, p_c)](
+                a[r0:r1], b[c0:c1], scale32, mult, row[0][r0:r1], row[1][r0:r1],
+                col[0][c0:c1], col[1][c0:c1], acc_a, acc_b, ds,
+                r1 - r0, c1 - c0, d, offset + r0 - c0, _bucket(r1 - r0), _bucket(c1 - c0),
+                w_row / w_pos, w_col / w_pos,
+                a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                SYMMETRIC=symmetric, PRECISION=_precision(a.dtype), WANT_DB=want_db,
+            )
+            ds_parts.append(ds.sum())
+            if want_db and not direct:
+                if r0 > 0:
+                    acc_b.add_(db[c0:c1])
+                db[c0:c1].copy_(acc_b)
+        if not direct:
+            da[r0:r1].copy_(acc_a)
+    return da, db, torch.stack(ds_parts).sum()
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -404,11 +477,9 @@ class _FusedContrastive(torch.autograd.Function):
         a, b, scale, row_m, row_l, col_m, col_l = ctx.saved_tensors
         want_db = ctx.needs_input_grad[1]
         col = (col_m, col_l) if col_m is not None else None
-        da, db, ds = backward_grads(a, b, scale, (row_m, row_l), col, ctx.offset, ctx.weights, want_db)
-        g = grad_loss.to(torch.float32)
-        da = da.mul_(g).to(a.dtype)
-        db = db.mul_(g).to(b.dtype) if want_db else None
-        dscale = (ds * g).to(scale.dtype).reshape(scale.shape) if ctx.needs_input_grad[2] else None
+        da, db, ds = backward_grads(a, b, scale, (row_m, row_l), col, ctx.offset, ctx.weights,
+                                    want_db, grad_loss)
+        dscale = ds.to(scale.dtype).reshape(scale.shape) if ctx.needs_input_grad[2] else None
         return da, db, dscale, None, None, None
 
 

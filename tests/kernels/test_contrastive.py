@@ -96,6 +96,44 @@ def test_scale_100_is_finite_and_keys_without_grad(rng):
     assert abs(contrastive.clip_loss(a, b, s).item() - exact.item()) < 1e-4
 
 
+@pytest.mark.parametrize("mode", ["symmetric", "rows"])
+def test_windowed_backward_matches_float64(mode, rng, monkeypatch):
+    """A workspace budget far below the problem forces several row and column windows (odd
+    sizes, a partial last window, positives crossing window edges); results must not change."""
+    m, n, d, offset = (200, 200, 40, 0) if mode == "symmetric" else (150, 330, 40, 100)
+    monkeypatch.setattr(contrastive, "WORKSPACE_BYTES", 4 * d * 200)
+    monkeypatch.setattr(contrastive, "MIN_WINDOW", 48)
+    rows, cols = contrastive.plan_windows(m, n, d, torch.float16, True)
+    assert rows < m and cols < n, (rows, cols)
+    a, b = _pair(m, n, d, torch.float16, rng)
+    scale = torch.tensor(30.0, device=DEVICE)
+    if mode == "symmetric":
+        _check(contrastive.clip_loss, reference.clip_loss_dense, a, b, scale)
+    else:
+        fused = lambda q, k, s: contrastive.clip_loss_rows(q, k, s, offset)
+        _check(fused, _rows_dense(offset), a, b, scale)
+
+
+@pytest.mark.parametrize("n, d", [(131072, 512), (131072, 1024), (65536, 2048), (8192, 512)])
+def test_backward_workspace_stays_in_budget(n, d):
+    """The issue's memory bound: up to N = 131072 the loss needs < 64 MiB beyond inputs and
+    gradients. Forward: (P_r + P_c) x N (max, sum) partials; backward: the saved statistics and
+    the fp32 windows of plan_windows."""
+    rows, cols = contrastive.plan_windows(n, n, d, torch.bfloat16, True)
+    p_r, p_c = contrastive._grid_dims(n, n)
+    forward = (p_r + p_c) * n * 2 * 4 + n * 4
+    backward = 4 * n * 4 + (rows + cols) * d * 4
+    assert (rows + cols) * d * 4 <= contrastive.WORKSPACE_BYTES
+    assert max(forward, backward) < 64 << 20, (forward, backward)
+
+
+@pytest.mark.parametrize("n, d", [(1 << 20, 512), (262144, 4096), (1000, 64)])
+def test_huge_problems_cap_the_roundings(n, d):
+    rows, cols = contrastive.plan_windows(n, n, d, torch.bfloat16, True)
+    assert -(-n // rows) <= contrastive.MAX_ROUNDINGS and 0 < cols <= n
+    assert contrastive.plan_windows(n, n, d, torch.float32, True) == (n, n)
+
+
 # ----------------------------------------------------------------------------- sm_90 builds
 
 _T = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
@@ -106,10 +144,10 @@ _FWD_ARGS = dict(
     stride_bd="i32",
 )
 _BWD_ARGS = dict(
-    scale_ptr="*fp32", row_m_ptr="*fp32", row_l_ptr="*fp32", col_m_ptr="*fp32",
+    scale_ptr="*fp32", mult_ptr="*fp32", row_m_ptr="*fp32", row_l_ptr="*fp32", col_m_ptr="*fp32",
     col_l_ptr="*fp32", da_ptr="*fp32", db_ptr="*fp32",
     ds_ptr="*fp32", M="i32", N="i32", D="i32", offset="i32", M_BUCKET="i32", N_BUCKET="i32",
-    w_row="fp32", w_col="fp32", w_pos="fp32", stride_am="i32", stride_ad="i32",
+    w_row="fp32", w_col="fp32", stride_am="i32", stride_ad="i32",
     stride_bn="i32", stride_bd="i32",
 )
 
