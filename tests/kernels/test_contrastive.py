@@ -96,6 +96,19 @@ def test_scale_100_is_finite_and_keys_without_grad(rng):
     assert abs(contrastive.clip_loss(a, b, s).item() - exact.item()) < 1e-4
 
 
+def test_fp16_gradients_do_not_underflow_at_large_n(rng):
+    """At N = 1024 the logit gradients are ~p / 2N ~ 5e-7, subnormal in fp16; the kernel keeps
+    them relative to the positives' weight for the tensor cores, so the feature gradients are
+    within one fp16 epsilon of the largest one (their own final rounding is half of that; with
+    the gradients underflowing it is ~2 epsilons, and PyTorch's fp16 is ~1)."""
+    a, b = _pair(1024, 1024, 8, torch.float16, rng)
+    scale = torch.tensor(4.0, device=DEVICE)
+    exact = _grads(reference.clip_loss_dense, a.double(), b.double(), scale.double())
+    errors = _errors(_grads(contrastive.clip_loss, a, b, scale), exact)
+    for name, e, x in zip(("d a", "d b"), errors[1:3], exact[1:3]):
+        assert e <= torch.finfo(torch.float16).eps * x.abs().max().item(), name
+
+
 @pytest.mark.parametrize("mode", ["symmetric", "rows"])
 def test_windowed_backward_matches_float64(mode, rng, monkeypatch):
     """A workspace budget far below the problem forces several row and column windows (odd
