@@ -21,6 +21,8 @@ per-rank split of the logit_scale gradient differs from OpenCLIP's, its average 
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 from torch import nn
 
@@ -29,25 +31,27 @@ from declip_fast.kernels import reference
 IMPLS = ("auto", "torch", "triton")
 
 
-def _triton_available() -> bool:
+def _triton_available(kernel: str) -> bool:
     try:
-        from declip_fast.kernels import contrastive  # noqa: F401  (lands with the Triton issue)
-    except ImportError:
+        importlib.import_module(f"declip_fast.kernels.{kernel}")
+    except ImportError:  # no Triton on this machine
         return False
     return True
 
 
-def resolve_impl(impl: str, features: torch.Tensor) -> str:
-    """The one dispatch point between the torch fallback and the Triton kernel."""
+def resolve_impl(impl: str, features: torch.Tensor, kernel: str = "contrastive") -> str:
+    """The one dispatch point between the torch fallbacks and the Triton kernels: ``kernel``
+    names the module of ``declip_fast.kernels`` the caller would use (checked on its own, since
+    each needs only Triton and the device)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "triton" if features.is_cuda and _triton_available() else "torch"
+        return "triton" if features.is_cuda and _triton_available(kernel) else "torch"
     if impl == "triton":
         if not features.is_cuda:
             raise ValueError(f"impl='triton' needs CUDA tensors, got device {features.device}")
-        if not _triton_available():
-            raise NotImplementedError("the fused Triton contrastive kernel is not installed")
+        if not _triton_available(kernel):
+            raise NotImplementedError(f"the Triton kernel declip_fast.kernels.{kernel} cannot be imported")
     return impl
 
 
