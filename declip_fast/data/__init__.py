@@ -1,0 +1,1 @@
+"""Data pipeline: tokenizer, EDA, augmentation, dataset writing and loaders."""
