@@ -1,0 +1,180 @@
+"""The full model: image tower, text tower, learned logit scale, and DeCLIP's optional heads.
+
+``DeCLIP(config)`` with ``config.simsiam = None`` and ``config.mlm = False`` is plain CLIP: the heads
+are not built, so they cost nothing (no parameters, no optimizer state, no FSDP units).
+
+OpenCLIP's interface: ``encode_image(images, normalize=False)``, ``encode_text(tokens,
+normalize=False)``, ``logit_scale`` (the raw parameter, ln of the scale; init ln(1/0.07); shape
+``[1]`` because FSDP2 cannot shard 0-dim parameters).
+
+``forward(images_1, images_2=None, text_1=None, text_2=None, mlm_positions=None)`` computes only
+what it is given and returns the dict ``declip_fast.losses.DeCLIPLoss`` reads (OpenCLIP's forward
+conventions: normalised features, exponentiated scale):
+
+- ``image_features``: list, one L2-normalised ``[B, E]`` tensor per image view given;
+- ``text_features``: the same per text view;
+- ``image_proj`` / ``image_pred``: SimSiam's z and p per view (from the *un-normalised* image
+  embeddings, SPEC 1), when the heads exist and both image views are given;
+- ``mlm_logits``: ``[K, vocab]`` for the K positions ``mlm_positions`` selects in ``text_1``'s
+  final token states (bool mask ``[B, L]`` or flat int indices, see ``heads.gather_positions``),
+  in row-major order: the matching targets are ``targets[mask]``;
+- ``logit_scale``: ``exp(self.logit_scale)`` as a 0-dim tensor, unclamped (the trainer keeps
+  the parameter in [ln 20, ln 100] after each step, SPEC 3).
+
+Heads that are built are used: build the model with ``simsiam=None`` / ``mlm=False`` when the
+loss does not need them (``DeCLIPLoss.needs()``), and they cost nothing.
+
+Views share one forward pass where the tower is batch-independent (ViT, text, ResNet in eval):
+concatenating them halves the kernel launches and, under FSDP2, the parameter all-gathers per
+step. The ResNet in training runs each view alone so each keeps its own batch-norm statistics.
+
+Meta-device flow (FSDP2): build under ``torch.device("meta")``, shard, ``to_empty(device=...)``,
+then ``init_weights()`` re-runs every initialisation (children first, so a parent's scheme, such
+as the transformer's scaled normals, wins over the layers' defaults).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from declip_fast.models.attention import Backend
+from declip_fast.models.heads import MLMHead, SimSiamConfig, SimSiamPredictor, SimSiamProjector
+from declip_fast.models.resnet import ModifiedResNet, ResNetConfig
+from declip_fast.models.text import TextConfig, TextTransformer
+from declip_fast.models.vision import VisionTransformer, ViTConfig
+
+
+@dataclass
+class DeCLIPConfig:
+    embed_dim: int = 512
+    vision: ViTConfig | ResNetConfig = field(default_factory=ViTConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    simsiam: SimSiamConfig | None = None  # None: no SimSiam projector / predictor
+    mlm: bool = False  # build the MLM head
+    init_logit_scale: float = math.log(1 / 0.07)
+    attn_backend: Backend = "auto"
+    grad_checkpointing: bool = False
+
+
+def reset_all_parameters(module: nn.Module) -> None:
+    """Call ``reset_parameters`` on every submodule, children before parents."""
+    for child in module.children():
+        reset_all_parameters(child)
+    reset = getattr(module, "reset_parameters", None)
+    if callable(reset):
+        reset()
+
+
+class DeCLIP(nn.Module):
+    def __init__(self, config: DeCLIPConfig):
+        super().__init__()
+        self.config = config
+        embed, backend = config.embed_dim, config.attn_backend
+        if isinstance(config.vision, ResNetConfig):
+            self.visual = ModifiedResNet(config.vision, embed, attn_backend=backend)
+        elif isinstance(config.vision, ViTConfig):
+            self.visual = VisionTransformer(config.vision, embed, attn_backend=backend)
+        else:
+            kind = type(config.vision).__name__
+            raise TypeError(f"config.vision must be a ViTConfig or ResNetConfig, got {kind}")
+        self.text = TextTransformer(config.text, embed, attn_backend=backend)
+        # Shape [1], not a scalar: FSDP2's fully_shard refuses 0-dim parameters (OpenCLIP's
+        # nonscalar_logit_scale=True, for the same reason). Conversion reshapes both ways.
+        self.logit_scale = nn.Parameter(torch.empty(1))
+        self.projector = self.predictor = self.mlm_head = None
+        if config.simsiam is not None:
+            self.projector = SimSiamProjector(embed, config.simsiam.dim)
+            self.predictor = SimSiamPredictor(config.simsiam.dim, config.simsiam.pred_dim)
+        if config.mlm:
+            self.mlm_head = MLMHead(config.text.width, config.text.vocab_size)
+        self.reset_parameters()
+        self.set_grad_checkpointing(config.grad_checkpointing)
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.logit_scale, self.config.init_logit_scale)
+
+    def init_weights(self) -> None:
+        """(Re-)initialise every parameter and buffer in place, e.g. after ``to_empty``."""
+        reset_all_parameters(self)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Per-block activation checkpointing in both transformers (a no-op for the ResNet)."""
+        self.visual.set_grad_checkpointing(enable)
+        self.text.set_grad_checkpointing(enable)
+
+    def blocks(self) -> list[nn.Module]:
+        """The repeated blocks of both towers: the natural per-block FSDP / checkpoint units."""
+        return self.visual.blocks() + self.text.blocks()
+
+    # -- OpenCLIP's interface -------------------------------------------------------------------
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        features = self.visual(images)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        features = self.text(tokens)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    # -- training forward -----------------------------------------------------------------------
+
+    def forward(
+        self,
+        images_1: torch.Tensor | None = None,
+        images_2: torch.Tensor | None = None,
+        text_1: torch.Tensor | None = None,
+        text_2: torch.Tensor | None = None,
+        mlm_positions: torch.Tensor | None = None,
+    ) -> dict:
+        if images_2 is not None and images_1 is None:
+            raise ValueError("images_2 given without images_1")
+        if text_2 is not None and text_1 is None:
+            raise ValueError("text_2 given without text_1")
+        if mlm_positions is not None and (self.mlm_head is None or text_1 is None):
+            raise ValueError("mlm_positions needs text_1 and a model built with the MLM head (mlm=True)")
+        # exp of an indexed element: a fresh 0-dim tensor, not a view (FSDP2 warns on view outputs).
+        out: dict = {"logit_scale": self.logit_scale[0].exp()}
+
+        images = [v for v in (images_1, images_2) if v is not None]
+        if images:
+            features = _encode_views(self.visual, images)
+            if self.projector is not None and len(images) == 2:
+                out["image_proj"] = [self.projector(f) for f in features]
+                out["image_pred"] = [self.predictor(z) for z in out["image_proj"]]
+            out["image_features"] = [F.normalize(f, dim=-1) for f in features]
+
+        texts = [t for t in (text_1, text_2) if t is not None]
+        if texts:
+            if mlm_positions is None:
+                features = _encode_views(self.text, texts)
+            else:
+                features, states = _encode_views(self.text, texts, return_tokens=True)
+                out["mlm_logits"] = self.mlm_head(states[0], mlm_positions)
+            out["text_features"] = [F.normalize(f, dim=-1) for f in features]
+        return out
+
+
+def _encode_views(tower: nn.Module, views: list[torch.Tensor], **kwargs):
+    """The tower on each view; one concatenated forward when the tower allows it.
+
+    With ``return_tokens=True`` (text) returns ``(features, states)``, each a list per view.
+    """
+    same_shape = all(v.shape[1:] == views[0].shape[1:] for v in views)
+    fuse = len(views) > 1 and tower.batch_independent and same_shape
+    if fuse:
+        sizes = [v.shape[0] for v in views]
+        result = tower(torch.cat(views), **kwargs)
+        if isinstance(result, tuple):
+            return tuple(list(r.split(sizes)) for r in result)
+        return list(result.split(sizes))
+    results = [tower(v, **kwargs) for v in views]
+    if results and isinstance(results[0], tuple):
+        return tuple(list(r) for r in zip(*results))
+    return results

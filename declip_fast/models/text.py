@@ -1,0 +1,103 @@
+"""The text tower: CLIP's causal transformer, with one extra embedding row for ``<mask>``.
+
+Names follow OpenCLIP's CLIP text attributes (``token_embedding``, ``positional_embedding``,
+``transformer``, ``ln_final``, ``text_projection``).
+
+Vocabulary. CLIP's BPE has 49,408 ids (``<start_of_text>`` = 49406, ``<end_of_text>`` = 49407);
+DeCLIP's MLM adds ``<mask>`` = 49408, so the embedding has 49,409 rows. OpenCLIP checkpoints load
+into the first 49,408 rows (``declip_fast.models.openclip`` pads the extra row and drops it again).
+
+Pooling. OpenCLIP pools at ``tokens.argmax(-1)``, which finds EOT only because EOT is the largest
+CLIP id. With ``<mask>`` = 49408 in a caption, argmax would pick the mask token. We pool at the
+first position holding ``eot_id`` explicitly; for ordinary CLIP tokens this is the same position
+as OpenCLIP's argmax. A row with no EOT (not produced by CLIP's tokenizer, which always ends a
+truncated caption with EOT) pools at the last position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from declip_fast.models.attention import Backend
+from declip_fast.models.init import normal_
+from declip_fast.models.transformer import Transformer
+
+SOT_ID = 49406
+EOT_ID = 49407
+MASK_ID = 49408
+VOCAB_SIZE = 49409  # CLIP's 49,408 BPE ids + <mask>
+OPENCLIP_VOCAB_SIZE = 49408
+
+
+@dataclass
+class TextConfig:
+    context_length: int = 77
+    vocab_size: int = VOCAB_SIZE
+    width: int = 512
+    heads: int = 8
+    layers: int = 12
+    mlp_ratio: float = 4.0
+    act: str = "quick_gelu"
+    eot_id: int = EOT_ID
+
+
+def eot_positions(tokens: torch.Tensor, eot_id: int = EOT_ID) -> torch.Tensor:
+    """Index of the first ``eot_id`` in each row of ``tokens [B, L]`` (the last index if none)."""
+    is_eot = tokens == eot_id
+    first = is_eot.int().argmax(dim=-1)  # argmax returns the first maximal index
+    return torch.where(is_eot.any(dim=-1), first, torch.full_like(first, tokens.shape[-1] - 1))
+
+
+class TextTransformer(nn.Module):
+    batch_independent = True
+
+    def __init__(self, cfg: TextConfig, output_dim: int, *, attn_backend: Backend = "auto"):
+        super().__init__()
+        self.cfg, self.output_dim = cfg, output_dim
+        self.context_length, self.vocab_size, self.eot_id = cfg.context_length, cfg.vocab_size, cfg.eot_id
+        # _weight: skip nn.Embedding's own N(0, 1) init; reset_parameters below sets CLIP's.
+        table = torch.empty(cfg.vocab_size, cfg.width)
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width, _weight=table)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
+        self.transformer = Transformer(
+            cfg.width,
+            cfg.layers,
+            cfg.heads,
+            mlp_ratio=cfg.mlp_ratio,
+            act=cfg.act,
+            causal=True,
+            attn_backend=attn_backend,
+        )
+        self.ln_final = nn.LayerNorm(cfg.width)
+        self.text_projection = nn.Parameter(torch.empty(cfg.width, output_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        normal_(self.token_embedding.weight, std=0.02)  # CLIP's initialisation
+        normal_(self.positional_embedding, std=0.01)
+        normal_(self.text_projection, std=self.cfg.width**-0.5)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.transformer.set_grad_checkpointing(enable)
+
+    def blocks(self) -> list[nn.Module]:
+        return list(self.transformer.resblocks)
+
+    def forward(self, tokens: torch.Tensor, *, return_tokens: bool = False):
+        """Embeddings ``[B, output_dim]``; with ``return_tokens`` also the final layer-normed
+        token states ``[B, L, width]`` (what the MLM head reads)."""
+        seq = tokens.shape[1]
+        if seq > self.context_length:
+            raise ValueError(f"{seq} tokens exceed the context length {self.context_length}")
+        x = self.token_embedding(tokens) + self.positional_embedding[:seq]
+        x = self.transformer(x)
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        pos = eot_positions(tokens, self.eot_id)
+        if return_tokens:
+            states = self.ln_final(x)
+            return states[rows, pos] @ self.text_projection, states
+        # Layer norm is per token: normalising only the pooled one is the same, and cheaper.
+        return self.ln_final(x[rows, pos]) @ self.text_projection
