@@ -1,0 +1,113 @@
+"""``declip-fast``: the command-line entry point (train | write-dataset | eval | bench).
+
+Thin on purpose: each subcommand parses its options and calls one library function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DEMO_IMAGE_SIZE = 64
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _add_write_dataset(sub) -> None:
+    p = sub.add_parser("write-dataset", help="image-text pairs (CSV/TSV, folder, tar shards) -> FFCV .beton",
+                       description="Write image-text pairs to an FFCV .beton (fields: image, tokens, "
+                       "eda_tokens, index); with --demo, build the Fashion-MNIST demo train/test files.")
+    p.add_argument("source", nargs="?",
+                   help="CSV/TSV of (image, caption), folder of images + .txt, or .tar shard(s)")
+    p.add_argument("out", nargs="?", help="output .beton")
+    p.add_argument("--demo", metavar="OUT_DIR", help="build the demo data set (train/test .beton, classes.json)")
+    p.add_argument("--max-side", type=_positive,
+                   help=f"longest stored image side (default 384; {DEMO_IMAGE_SIZE} with --demo)")
+    p.add_argument("--workers", type=int, default=0, help="worker processes (default: all cores; 1: none)")
+    p.add_argument("--summary-json", metavar="PATH",
+                   help="also write the summary (written, skipped, skips, pairs_per_s) as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (--demo: rebuild)")
+    p.add_argument("--limit", type=_positive, help="write at most this many pairs")
+    p.add_argument("--train-size", type=_positive, default=10_000, help="--demo: training pairs (default 10000)")
+    p.add_argument("--test-size", type=_positive, default=2_000, help="--demo: test pairs (default 2000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the EDA variants (and of the demo subsets)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_write_dataset)
+
+
+def _write_dataset(args, parser) -> int:
+    from declip_fast.data.write import NoPairsError, WriteConfig, save_summary, write_dataset
+
+    if args.demo is not None:
+        if args.source or args.out:
+            parser.error("write-dataset: give either SOURCE OUT or --demo OUT_DIR, not both")
+        return _write_demo(args)
+    if not (args.source and args.out):
+        parser.error("write-dataset: give SOURCE OUT (or --demo OUT_DIR)")
+    config = WriteConfig(max_side=args.max_side or 384, workers=args.workers, limit=args.limit,
+                         overwrite=args.overwrite, seed=args.seed, progress=not args.quiet)
+    try:
+        summary = write_dataset(args.source, args.out, config)
+    except NoPairsError as err:
+        summary = err.summary
+        print(f"error: {err}", file=sys.stderr)
+    except (FileExistsError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(summary.format())
+    if args.summary_json:
+        save_summary(summary, args.summary_json)
+    return 0 if summary.written else 1
+
+
+def _write_demo(args) -> int:
+    from declip_fast.data.demo import ensure_demo_data
+
+    paths = ensure_demo_data(args.demo, train_size=args.train_size, test_size=args.test_size,
+                             image_size=args.max_side or DEMO_IMAGE_SIZE, seed=args.seed,
+                             workers=args.workers, progress=not args.quiet, rebuild=args.overwrite)
+    for split, summary in paths.summaries.items():
+        print(f"{split}:\n{summary.format()}")
+    if not paths.summaries:
+        print(f"{args.demo}: already built with these parameters (--overwrite rebuilds it)")
+    print(f"train: {paths.train}\ntest: {paths.test}\nclasses: {paths.classes}")
+    if args.summary_json:
+        _save_json({split: s.to_json() for split, s in paths.summaries.items()}, args.summary_json)
+    return 0
+
+
+def _save_json(data, path: str) -> None:
+    import json
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _not_implemented(args, parser) -> int:
+    parser.exit(2, f"declip-fast {args.command}: not implemented yet\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="declip-fast", description="Fast DeCLIP / CLIP pretraining.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_write_dataset(sub)
+    for name, text in (("train", "pretrain a model"), ("eval", "zero-shot / linear-probe evaluation"),
+                       ("bench", "benchmarks")):
+        sub.add_parser(name, help=f"{text} (not implemented yet)").set_defaults(func=_not_implemented)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.func(args, parser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
