@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one script a GPU box runs (offline; its own torch + triton): installs the project without
 # dependencies, runs the gpu tests, then the GPU benchmarks, writing logs and JSON under $OUT.
+# Usage: benchmarks/gpu_suite.sh [tests] [contrastive] [lookup] [attention] [towers] (default: all).
 # A failing part is reported and the rest still runs; the exit code says whether all passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +21,17 @@ if [ -d .whl ]; then
 fi
 run install python3 -m pip install -q --no-deps --no-build-isolation -e .
 run versions python3 -c "import torch, triton, subprocess; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name()); print(subprocess.run(['nvidia-smi', '--query-gpu=driver_version', '--format=csv,noheader'], capture_output=True, text=True).stdout)"
-run gpu-tests python3 -m pytest tests -m gpu -q -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml"
-run gpu-bench python3 -m pytest benchmarks/bench_contrastive.py -q -p no:cacheprovider \
-  --benchmark-json="$OUT/bench_contrastive.json"
+# Parts, in order; pass a subset (e.g. `gpu_suite.sh tests contrastive`) to stay within one
+# device call's 10 minutes: the towers compile four full-size models.
+parts=${*:-"tests contrastive lookup attention towers"}
+for part in $parts; do
+  case $part in
+    tests) run gpu-tests python3 -m pytest tests -m gpu -q -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" ;;
+    contrastive|lookup|attention|towers)
+      file=benchmarks/bench_$part.py
+      [ $part = lookup ] && file=benchmarks/bench_nn_lookup.py
+      run "bench-$part" python3 -m pytest "$file" -q -p no:cacheprovider --benchmark-json="$OUT/bench_$part.json" ;;
+    *) echo "!! unknown part $part"; status=1 ;;
+  esac
+done
 exit $status
