@@ -47,12 +47,12 @@ features and of ``s`` equal the single-process global-batch loss.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
+
+from declip_fast.kernels.tuning import bucket, interpreting, tuning
 
 LN2 = 0.6931471805599453
 
@@ -66,8 +66,6 @@ MIN_WINDOW = 64
 MAX_ROUNDINGS = 16
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # Hopper (sm_90) tilings, per input class; every one compiles for sm_90 without spills
@@ -94,24 +92,12 @@ INTERPRETER_FWD = {"any": [(dict(BM=64, BN=64, BK=128), dict(num_warps=4, num_st
 INTERPRETER_BWD = {"any": [(dict(BM=64, BN=64, BK=128, BD=128), dict(num_warps=4, num_stages=1))]}
 
 
-def input_class(dtype: torch.dtype) -> str:
-    return "fp32" if dtype == torch.float32 else "16-bit"
 
 
-def _tuning(table):
-    """(all configs, a pruner that keeps those of the call's input class)."""
-    by_class = {k: [triton.Config(meta, **opts) for meta, opts in v] for k, v in table.items()}
-
-    def prune(configs, named_args, **kwargs):
-        if len(by_class) == 1:
-            return next(iter(by_class.values()))
-        return by_class[input_class(named_args["a_ptr"].dtype)]
-
-    return [c for v in by_class.values() for c in v], {"early_config_prune": prune}
 
 
-FWD_CONFIGS, FWD_PRUNE = _tuning(INTERPRETER_FWD if _interpreting() else HOPPER_FWD)
-BWD_CONFIGS, BWD_PRUNE = _tuning(INTERPRETER_BWD if _interpreting() else HOPPER_BWD)
+FWD_CONFIGS, FWD_PRUNE = tuning(INTERPRETER_FWD if interpreting() else HOPPER_FWD, "a_ptr")
+BWD_CONFIGS, BWD_PRUNE = tuning(INTERPRETER_BWD if interpreting() else HOPPER_BWD, "a_ptr")
 
 # The autotune key: the shapes that change the best tiling, and the dtype (via the pointer types).
 TUNE_KEY = ["M_BUCKET", "N_BUCKET", "D", "SYMMETRIC"]
@@ -292,9 +278,6 @@ def _grid_dims(m: int, n: int) -> tuple[int, int]:
     return min(MAX_PROGRAMS_PER_AXIS, triton.cdiv(m, 64)), min(MAX_PROGRAMS_PER_AXIS, triton.cdiv(n, 64))
 
 
-def _bucket(n: int) -> int:
-    """Autotune key bucket: the next power of two, so nearby batch sizes share a tuning."""
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -339,7 +322,7 @@ def forward_stats(a, b, scale, offset: int, symmetric: bool):
     scale32 = scale.detach().reshape(1).to(torch.float32)
     _fwd_kernel[(p_r, p_c)](
         a, b, scale32, row_m, row_l, col_m, col_l, pos,
-        m, n, d, offset, _bucket(m), _bucket(n),
+        m, n, d, offset, bucket(m), bucket(n),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         SYMMETRIC=symmetric, PRECISION=_precision(a.dtype),
     )
@@ -414,7 +397,7 @@ def backward_grads(a, b, scale, row, col, offset: int, weights, want_db: bool, g
             _bwd_kernel[(p_r, p_c)](
                 a[r0:r1], b[c0:c1], scale32, mult, row[0][r0:r1], row[1][r0:r1],
                 col[0][c0:c1], col[1][c0:c1], acc_a, acc_b, ds,
-                r1 - r0, c1 - c0, d, offset + r0 - c0, _bucket(r1 - r0), _bucket(c1 - c0),
+                r1 - r0, c1 - c0, d, offset + r0 - c0, bucket(r1 - r0), bucket(c1 - c0),
                 w_row / w_pos, w_col / w_pos,
                 a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                 SYMMETRIC=symmetric, PRECISION=_precision(a.dtype), WANT_DB=want_db,

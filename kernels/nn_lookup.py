@@ -23,21 +23,18 @@ Offsets into the bank are int64, so M * D may pass 2^31.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from declip_fast.kernels.reference import check_lookup
+from declip_fast.kernels.tuning import bucket, interpreting, tuning
 
 # Programs per SM the split count aims for, and the most splits (partials cost S * B * 12 bytes).
 PROGRAMS_PER_SM = 4
 MAX_SPLITS = 64
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # Hopper (sm_90) tilings per input class; each compiles for sm_90 without spills
@@ -58,22 +55,11 @@ INTERPRETER = {"any": [(dict(BM=64, BN=64, BK=128), dict(num_warps=4, num_stages
 SMALLEST_BM = 64
 
 
-def input_class(dtype: torch.dtype) -> str:
-    return "fp32" if dtype == torch.float32 else "16-bit"
 
 
-def _tuning(table):
-    by_class = {k: [triton.Config(meta, **opts) for meta, opts in v] for k, v in table.items()}
-
-    def prune(configs, named_args, **kwargs):
-        if len(by_class) == 1:
-            return next(iter(by_class.values()))
-        return by_class[input_class(named_args["q_ptr"].dtype)]
-
-    return [c for v in by_class.values() for c in v], {"early_config_prune": prune}
 
 
-CONFIGS, PRUNE = _tuning(INTERPRETER if _interpreting() else HOPPER)
+CONFIGS, PRUNE = tuning(INTERPRETER if interpreting() else HOPPER, "q_ptr")
 TUNE_KEY = ["B_BUCKET", "M_BUCKET", "D"]
 
 
@@ -126,7 +112,7 @@ def _lookup_kernel(
 def _splits(b: int, m: int) -> int:
     """Bank ranges per query block: about PROGRAMS_PER_SM programs per SM in all, never more
     ranges than the bank has blocks of the smallest BN."""
-    if _interpreting():
+    if interpreting():
         return min(2, triton.cdiv(m, 64))  # two ranges: the cross-split merge is exercised
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     q_blocks = triton.cdiv(b, SMALLEST_BM)
@@ -134,8 +120,6 @@ def _splits(b: int, m: int) -> int:
     return max(1, min(MAX_SPLITS, want, triton.cdiv(m, 128)))
 
 
-def _bucket(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def nn_lookup(queries: torch.Tensor, bank: torch.Tensor, valid: int | None = None):
@@ -156,7 +140,7 @@ def nn_lookup(queries: torch.Tensor, bank: torch.Tensor, valid: int | None = Non
     grid = lambda meta: (triton.cdiv(b, meta["BM"]), splits)
     _lookup_kernel[grid](
         q, k, scores, index,
-        b, m, d, _bucket(b), _bucket(m),
+        b, m, d, bucket(b), bucket(m),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
     )

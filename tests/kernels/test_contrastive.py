@@ -8,7 +8,7 @@ tests repeat the comparison on a GPU in bf16/fp16/fp32 up to N = 65536.
 import pytest
 import torch
 
-from declip_fast.kernels import contrastive, reference
+from declip_fast.kernels import contrastive, reference, tuning
 from tests.sm90 import compile_sm90
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -173,7 +173,7 @@ def _specs():
             ("_fwd_kernel", _FWD_ARGS, contrastive.HOPPER_FWD, dict(SYMMETRIC=True)),
             ("_bwd_kernel", _BWD_ARGS, contrastive.HOPPER_BWD, dict(SYMMETRIC=True, WANT_DB=True)),
         ):
-            configs = configs[contrastive.input_class(dtype)]
+            configs = configs[tuning.input_class(dtype)]
             for meta, opts in configs:
                 consts = dict(PRECISION=precision, **flags, **meta)
                 signature = dict(a_ptr=_T[dtype], b_ptr=_T[dtype], **args, **{k: "constexpr" for k in consts})

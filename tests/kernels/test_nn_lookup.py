@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from declip_fast.kernels import nn_lookup as lookup
-from declip_fast.kernels import reference
+from declip_fast.kernels import reference, tuning
 from tests.sm90 import compile_sm90
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -115,7 +115,7 @@ def _specs():
     specs = []
     for dtype, t in _T.items():
         precision = "tf32x3" if dtype == torch.float32 else "tf32"
-        for meta, opts in lookup.HOPPER[lookup.input_class(dtype)]:
+        for meta, opts in lookup.HOPPER[tuning.input_class(dtype)]:
             consts = dict(PRECISION=precision, **meta)
             signature = dict(q_ptr=t, k_ptr=t, **_ARGS, **{c: "constexpr" for c in consts})
             specs.append(dict(module="declip_fast.kernels.nn_lookup", kernel="_lookup_kernel",
