@@ -226,6 +226,7 @@ def nn_lookup(queries: torch.Tensor, bank: torch.Tensor, valid: int | None = Non
         stop = min(m, start + chunk)
         scores = q @ bank[start:stop].detach().to(compute).T
         top, arg = scores.max(dim=1)  # the first maximum within the chunk
+        del scores  # before the next chunk's product: one chunk of scores alive at a time
         better = top > best
         best = torch.where(better, top, best)
         index = torch.where(better, arg + start, index)
