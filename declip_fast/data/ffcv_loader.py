@@ -1,0 +1,210 @@
+"""FFCV loader: two image views, text views and index from a ``.beton``, in the batch contract.
+
+The file holds ``image`` (RGBImageField), ``tokens`` (int32 [77]), ``eda_tokens`` (int32 [4, 77]:
+four tokenized EDA variants) and ``index`` (the row). Per batch:
+
+- image views 1 and 2: by default (``ffcv_fused_views``) one decoder, :func:`two_view_decoder`,
+  decodes each JPEG once and writes two independent random resized crops (``crop_scale``,
+  FFCV's crop sampler and resizer), each flipped with p = 0.5. With ``ffcv_fused_views=False``
+  they are two pipelines on the same ``image`` field (``RandomResizedCropRGBImageDecoder``,
+  ``RandomHorizontalFlip``, ``ToTensor``, ``ToDevice``, ``ToTorchImage``), which decodes every
+  JPEG twice: decoding is most of the work, so that path costs ~1.6x the CPU time. Either way
+  the crops go to the device as uint8 and get the batched colour augmentations of
+  :mod:`declip_fast.data.augment` there;
+- text view 1 is ``tokens`` masked by :func:`~declip_fast.data.masking.mask_tokens`; text view 2
+  one of the four ``eda_tokens`` rows per sample, drawn from a generator seeded per epoch;
+- everything kept is copied out of FFCV's buffers, which the next batch overwrites.
+
+Order: ``DistributedSampler``'s seeded shuffle and sharding (``loader.shard_order``), passed to
+FFCV as its traversal order; the fallback uses the same, so both backends give each rank the same
+samples. FFCV's own ``distributed=True`` order builds that sampler too, but without rank and
+world size, so it only works inside an initialized process group; ours takes them from the config
+or the group, and honours ``drop_last`` (no sample twice; FFCV pads). ``QUASI_RANDOM`` does not
+support distributed loading at all.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from declip_fast.data.loader import BatchViews, DataConfig, shard_order
+
+FIELDS = ("image", "tokens", "eda_tokens", "index")  # declip_fast.data.write.FIELDS
+
+
+def _sharded_order(config: DataConfig, rank: int, world: int):
+    """A TraversalOrder for FFCV 1.0.2's Loader: it accepts an *instance* of TraversalOrder and
+    calls it with the loader (``order(self)``), so this object builds the real one when called."""
+    from ffcv.traversal_order.base import TraversalOrder
+
+    class ShardedRandom(TraversalOrder):
+        def __init__(self, loader):
+            super().__init__(loader)
+
+        def sample_order(self, epoch: int):
+            picks = shard_order(len(self.indices), config.seed, epoch, rank, world, config.drop_last)
+            return self.indices[np.asarray(picks, dtype=np.int64)]
+
+    class Factory(TraversalOrder):
+        def __init__(self):  # no loader yet; FFCV passes it to __call__
+            pass
+
+        def __call__(self, loader):
+            return ShardedRandom(loader)
+
+        def sample_order(self, epoch: int):
+            raise RuntimeError("the factory is not an order")
+
+    return Factory()
+
+
+def _image_pipeline(config: DataConfig, device: torch.device) -> list:
+    """FFCV's standard view: random resized crop in the decoder, flip, tensor, device, NCHW."""
+    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+    from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
+
+    size = config.image_size
+    ops = [RandomResizedCropRGBImageDecoder((size, size), scale=config.crop_scale),
+           RandomHorizontalFlip(), ToTensor()]
+    if device.type != "cpu":  # on the CPU it would only copy into another buffer
+        ops.append(ToDevice(device, non_blocking=True))
+    return ops + [ToTorchImage()]
+
+
+def two_view_decoder(size: int, scale: tuple[float, float], ratio=(3 / 4, 4 / 3)):
+    """An FFCV decoder that decodes each JPEG once and writes two independent random resized
+    crops, each flipped with p = 0.5: uint8 [B, 2, size, size, 3]. Two pipelines on one field
+    decode every image twice, and decoding is most of the loader's work (measured: 2 views cost
+    1.9x one view that way). Crops use FFCV's own ``get_random_crop`` and ``resize_crop``."""
+    from dataclasses import replace
+
+    from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder, get_random_crop
+    from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.pipeline.allocation_query import AllocationQuery
+    from ffcv.pipeline.compiler import Compiler
+
+    class TwoViewRandomResizedCrop(ResizedCropRGBImageDecoder):  # an RGB decoder, so FFCV takes it as one
+        def __init__(self):
+            super().__init__((size, size))
+            self.scale, self.ratio = np.array(scale), np.array(ratio)
+
+        @property
+        def get_crop_generator(self):
+            return get_random_crop
+
+        def declare_state_and_memory(self, previous_state):
+            state, (_, scratch) = super().declare_state_and_memory(previous_state)
+            shape = (2, size, size, 3)
+            return replace(state, shape=shape), (AllocationQuery(shape, np.dtype("<u1")), scratch)
+
+        def generate_code(self):
+            mem_read, my_range, jpg = self.memory_read, Compiler.get_iterator(), IMAGE_MODES["jpg"]
+            imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
+            get_crop_c, crop_scale, crop_ratio = Compiler.compile(get_random_crop), self.scale, self.ratio
+
+            def decode(batch_indices, my_storage, metadata, storage_state):
+                destination, temp_storage = my_storage
+                for dst_ix in my_range(len(batch_indices)):
+                    field = metadata[batch_indices[dst_ix]]
+                    image_data = mem_read(field["data_ptr"], storage_state)
+                    height, width = np.uint32(field["height"]), np.uint32(field["width"])
+                    if field["mode"] == jpg:
+                        pixels = temp_storage[dst_ix]
+                        imdecode_c(image_data, pixels, height, width, height, width, 0, 0, 1, 1, False, False)
+                        pixels = pixels.reshape(-1)[: 3 * height * width].reshape(height, width, 3)
+                    else:
+                        pixels = image_data.reshape(height, width, 3)
+                    for view in range(2):
+                        i, j, h, w = get_crop_c(height, width, crop_scale, crop_ratio)
+                        out = destination[dst_ix, view]
+                        resize_crop_c(pixels, i, i + h, j, j + w, out)
+                        if np.random.rand() < 0.5:
+                            out[:] = out[:, ::-1].copy()
+                return destination[: len(batch_indices)]
+
+            decode.is_parallel = True
+            return decode
+
+    return TwoViewRandomResizedCrop()
+
+
+def pick_eda_variant(eda_tokens: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One row of [B, V, 77] per sample, drawn uniformly: a new int64 [B, 77] tensor."""
+    b, v, _ = eda_tokens.shape
+    pick = torch.randint(0, v, (b,), generator=generator)
+    return eda_tokens[torch.arange(b), pick].to(torch.int64)
+
+
+class FFCVLoader:
+    """Iterate for contract batches (see :mod:`declip_fast.data.loader`)."""
+
+    backend = "ffcv"
+
+    def __init__(self, config: DataConfig, device: torch.device, rank: int, world: int):
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.fields.ndarray import NDArrayDecoder
+        from ffcv.loader import Loader
+        from ffcv.pipeline import PipelineSpec
+        from ffcv.reader import Reader
+        from ffcv.transforms import ToDevice, ToTensor
+
+        self.config, self.device, self.rank, self.world = config, device, rank, world
+        missing = [f for f in FIELDS if f not in Reader(config.beton).handlers]
+        if missing:
+            raise ValueError(f"{config.beton} lacks the field(s) {missing}; write it with "
+                             "declip_fast.data.write")
+        if config.two_views and config.ffcv_fused_views:
+            image = [two_view_decoder(config.image_size, config.crop_scale), ToTensor()]
+            image += [ToDevice(device, non_blocking=True)] if device.type != "cpu" else []
+        else:
+            image = _image_pipeline(config, device)
+        pipelines = {
+            "image": image,
+            "tokens": [NDArrayDecoder(), ToTensor()],
+            "eda_tokens": [NDArrayDecoder(), ToTensor()] if config.eda else None,
+            "index": [IntDecoder(), ToTensor()],
+        }
+        if config.two_views and not config.ffcv_fused_views:
+            pipelines["image_2"] = PipelineSpec("image", transforms=_image_pipeline(config, device))
+        self._loader = Loader(
+            config.beton, batch_size=config.batch_size, num_workers=max(1, config.workers()),
+            os_cache=config.os_cache, order=_sharded_order(config, rank, world),
+            distributed=world > 1, seed=config.seed, pipelines=pipelines, drop_last=config.drop_last)
+        # FFCV yields a tuple in the order of its pipeline specs (file fields, then added outputs).
+        self._slot = {name: i for i, name in enumerate(self._loader.pipeline_specs)}
+        self._views = BatchViews(config, device, rank)
+        self._epoch = 0
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    @property
+    def num_samples(self) -> int:
+        return self._loader.reader.num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch = epoch
+
+    def __iter__(self):
+        epoch = self._epoch
+        self._loader.next_epoch = epoch  # FFCV asks its order for loader.next_epoch
+        self._views.start_epoch(epoch)
+        self._epoch += 1
+        slot = self._slot
+        for out in self._loader:
+            text_2 = None
+            if self.config.eda:
+                text_2 = pick_eda_variant(out[slot["eda_tokens"]], self._views.text_gen)
+            images_1, images_2 = self._images(out)
+            yield self._views(images_1, images_2, out[slot["tokens"]], text_2, out[slot["index"]])
+
+    def _images(self, out) -> tuple:
+        """(view 1, view 2 or None) as [B, 3, S, S] (channels-last memory) views of FFCV's buffers."""
+        images = out[self._slot["image"]]
+        if not self.config.two_views:
+            return images, None
+        if self.config.ffcv_fused_views:  # [B, 2, S, S, 3]
+            return images[:, 0].permute(0, 3, 1, 2), images[:, 1].permute(0, 3, 1, 2)
+        return images, out[self._slot["image_2"]]
+

@@ -1,0 +1,276 @@
+"""The torch fallback loader, for machines without FFCV: raw pairs in, contract batches out.
+
+It reads what ``declip_fast.data.write`` reads (a CSV/TSV of image path + caption rows, a folder
+of images with same-named ``.txt`` captions, webdataset ``.tar`` shards; listed by
+``write.list_pairs``), or any list of ``(image path, caption)`` pairs. Per sample, in DataLoader
+workers: the image is decoded once (Pillow, RGB; large JPEGs at a reduced DCT scale), cropped
+twice with torchvision v2 ``RandomResizedCrop`` + ``RandomHorizontalFlip``; the caption is
+tokenized and one
+EDA variant (``declip_fast.data.eda.eda``) is drawn and tokenized. Crops and EDA draw from
+generators seeded by (seed, epoch, sample index), so they do not depend on the worker count.
+In the main process the batch then goes through the same ``BatchViews`` as FFCV's: masking and
+the batched colour augmentations on the device.
+
+Order and sharding: ``DistributedSampler(shuffle=True)`` with the config's (or the process
+group's) rank and world size, also for one process; FFCV's loader uses the same order.
+
+Bad samples (unreadable, corrupt or empty image; missing or empty caption) are dropped by the
+collate function and counted in ``loader.skipped`` (and logged, the first few with their source),
+so such a batch is smaller; a batch with nothing valid is not yielded at all.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import random
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from declip_fast.data.loader import BatchViews, DataConfig, epoch_seed
+
+log = logging.getLogger(__name__)
+CROP_STREAM, EDA_STREAM = 3, 4
+LOGGED_SKIPS = 10  # skips logged one by one per loader; the rest are only counted
+
+
+class BadSample(Exception):
+    """A sample that cannot be loaded; the message is the reason."""
+
+
+def _read_bytes(blob, what: str) -> bytes:
+    """Bytes of a file given as a path, or as ``write.Blob`` (path, offset, size)."""
+    path, offset, size = (blob, 0, None) if isinstance(blob, (str, Path)) else tuple(blob)
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read() if size is None else f.read(size)
+    except OSError as err:
+        raise BadSample(f"unreadable {what} ({type(err).__name__})") from None
+
+
+def _caption_text(caption) -> str:
+    if caption is None:
+        raise BadSample("missing caption")
+    if not isinstance(caption, (str, bytes)):
+        caption = _read_bytes(caption, "caption")  # a Blob: the .txt file or tar member
+    if isinstance(caption, bytes):
+        caption = caption.decode("utf-8", errors="replace")
+    text = caption.lstrip("\ufeff").strip()
+    if not text:
+        raise BadSample("empty caption")
+    return text
+
+
+def load_rgb(image, min_crop_side: int = 0) -> torch.Tensor:
+    """uint8 [3, H, W] (channels-last memory) from a path / ``Blob`` of an encoded image, or an
+    HxW(x3) uint8 array. See :func:`decode_rgb` for ``min_crop_side``."""
+    if image is None:
+        raise BadSample("missing image")
+    if isinstance(image, np.ndarray):
+        pixels = np.ascontiguousarray(image, dtype=np.uint8)
+        pixels = np.repeat(pixels[:, :, None], 3, axis=2) if pixels.ndim == 2 else pixels
+        return torch.from_numpy(pixels).permute(2, 0, 1)
+    return decode_rgb(_read_bytes(image, "image"), min_crop_side)
+
+
+def decode_rgb(data: bytes, min_crop_side: int = 0) -> torch.Tensor:
+    """uint8 [3, H, W] from encoded image bytes (JPEG, PNG, ...), with Pillow, as the writer
+    decodes: EXIF orientation applied, alpha composited on white. A JPEG whose smallest crop
+    would still have ``min_crop_side`` px at 1/2, 1/4 or 1/8 scale is decoded at that scale
+    (JPEG DCT scaling: several times faster on large images). The result is a channels-last
+    view of Pillow's HWC pixels: torchvision's uint8 resize is fastest on that layout.
+    (Not ``torchvision.io.decode_image``: deprecated since torchvision 0.29.)"""
+    from PIL import Image, ImageOps
+
+    if not data:
+        raise BadSample("empty image file")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format == "JPEG" and min_crop_side > 0:
+                factor = max(1, int(math.sqrt(im.width * im.height) / min_crop_side))
+                im.draft("RGB", (-(-im.width // factor), -(-im.height // factor)))
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+                im = im.convert("RGBA")
+                im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
+            pixels = np.array(im.convert("RGB"))  # a writable copy; torch shares it
+    except Exception as err:  # Pillow's errors for corrupt, truncated or unknown data vary
+        raise BadSample(f"corrupt image ({type(err).__name__})") from None
+    if pixels.shape[0] < 1 or pixels.shape[1] < 1:
+        raise BadSample("empty image")
+    return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
+class PairsDataset(Dataset):
+    """(image, caption) pairs -> per-sample views; the item key is ``(epoch, index)``.
+
+    ``pairs``: ``(image path, caption)`` tuples, or ``write.Pair`` objects (image a path or a
+    ``Blob``, caption a str, bytes or ``Blob``). Returns a dict of uint8 crops, int64 token ids
+    and the index, or ``(source, reason)`` for a sample that cannot be loaded.
+    """
+
+    def __init__(self, pairs: Sequence, image_size: int, crop_scale=(0.2, 1.0), two_views: bool = True,
+                 eda: bool = True, seed: int = 0):
+        from torchvision.transforms import v2
+
+        self.items = [self._normalize(p) for p in pairs]
+        self.two_views, self.eda, self.seed = two_views, eda, seed
+        # The shorter side of the smallest crop is about sqrt(scale * area * 3/4) (the extreme
+        # aspect ratio); a JPEG may be decoded smaller as long as that stays >= image_size.
+        self.min_crop_side = math.ceil(image_size / math.sqrt(0.75 * crop_scale[0]))
+        self.view = v2.Compose([v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), antialias=True),
+                                v2.RandomHorizontalFlip()])
+
+    @staticmethod
+    def _normalize(pair) -> tuple:
+        if hasattr(pair, "source") and hasattr(pair, "image"):  # write.Pair
+            return pair.image, pair.caption, pair.source
+        image, caption = pair
+        return image, caption, str(image)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        image, caption, source = self.items[index]
+        try:
+            text = _caption_text(caption)
+            pixels = load_rgb(image, self.min_crop_side)
+        except BadSample as bad:
+            return source, str(bad)
+        sample = {"index": torch.tensor(index, dtype=torch.int64)}
+        # Seeded per sample: the crops do not depend on which worker loads it. fork_rng puts the
+        # global generator back, so the main process (num_workers=0) is left untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(epoch_seed(self.seed, epoch, index, CROP_STREAM))
+            sample["images_1"] = self.view(pixels)
+            if self.two_views:
+                sample["images_2"] = self.view(pixels)
+        texts = [text]
+        if self.eda:
+            from declip_fast.data.eda import eda
+
+            texts.append(eda(text, random.Random(epoch_seed(self.seed, epoch, index, EDA_STREAM))))
+        from declip_fast.data.tokenizer import tokenize
+
+        ids = tokenize(texts)
+        sample["tokens"] = ids[0]
+        if self.eda:
+            sample["text_2"] = ids[1]
+        return sample
+
+
+def collate_valid(items: list) -> dict:
+    """Stack the loadable samples; the others become ``skips`` [(source, reason)]."""
+    good = [s for s in items if isinstance(s, dict)]
+    batch = {k: torch.stack([s[k] for s in good]) for k in (good[0] if good else {})}
+    batch["skips"] = [s for s in items if not isinstance(s, dict)]
+    return batch
+
+
+class _EpochKeys(Sampler):
+    """Wraps a sampler; yields ``(epoch, index)`` so workers (persistent or not) see the epoch."""
+
+    def __init__(self, sampler: DistributedSampler):
+        self.sampler, self.epoch = sampler, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        epoch = self.epoch
+        return ((epoch, i) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+def pairs_from_source(source: str) -> list:
+    """The pairs of a CSV/TSV, a folder of image + .txt, or .tar shards (``write.list_pairs``)."""
+    from declip_fast.data.write import list_pairs
+
+    pairs, skips = list_pairs(source)
+    for skip in skips[:LOGGED_SKIPS]:
+        log.warning("skipping %s: %s", skip.source, skip.reason)
+    if len(skips) > LOGGED_SKIPS:
+        log.warning("skipped %d more entries of %s while listing it", len(skips) - LOGGED_SKIPS, source)
+    return pairs
+
+
+class TorchLoader:
+    """Iterate for contract batches (see :mod:`declip_fast.data.loader`)."""
+
+    backend = "torch"
+
+    def __init__(self, config: DataConfig, device: torch.device, rank: int, world: int,
+                 pairs: Sequence | None = None):
+        self.config, self.device, self.rank, self.world = config, device, rank, world
+        if pairs is None:
+            if config.source is None:
+                raise ValueError("the torch loader needs config.source (or a list of pairs)")
+            pairs = pairs_from_source(config.source)
+        self.dataset = PairsDataset(pairs, config.image_size, config.crop_scale, config.two_views,
+                                    config.eda, config.seed)
+        if len(self.dataset) == 0:
+            raise ValueError(f"no pairs found in {config.source}")
+        self._warm_up()
+        sampler = DistributedSampler(range(len(self.dataset)), num_replicas=world, rank=rank, shuffle=True,
+                                     seed=config.seed, drop_last=config.drop_last)
+        self._sampler = _EpochKeys(sampler)
+        workers = config.workers()
+        self._loader = DataLoader(
+            self.dataset, batch_size=config.batch_size, sampler=self._sampler, num_workers=workers,
+            collate_fn=collate_valid, drop_last=config.drop_last, pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0)
+        self._views = BatchViews(config, device, rank)
+        self._epoch = 0
+        self.skipped = 0
+
+    def _warm_up(self) -> None:
+        """Build the tokenizer and WordNet table here, so forked workers share them."""
+        from declip_fast.data.tokenizer import get_tokenizer
+
+        get_tokenizer()
+        if self.config.eda:
+            from declip_fast.data.eda import synonym_table
+
+            synonym_table()
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch = epoch
+
+    def _note_skips(self, skips: list) -> None:
+        for source, reason in skips:
+            if self.skipped < LOGGED_SKIPS:
+                log.warning("skipping sample %s: %s", source, reason)
+            self.skipped += 1
+
+    def __iter__(self):
+        epoch = self._epoch
+        self._sampler.set_epoch(epoch)
+        self._views.start_epoch(epoch)
+        self._epoch += 1
+        dev = self.device
+        for batch in self._loader:
+            self._note_skips(batch.pop("skips"))
+            if "index" not in batch:
+                continue  # every sample of this batch was bad
+            move = lambda key: batch[key].to(dev, non_blocking=True) if key in batch else None
+            yield self._views(move("images_1"), move("images_2"), batch["tokens"], batch.get("text_2"),
+                              batch["index"])
