@@ -168,7 +168,10 @@ def _compiled_matches_eager(name, backend, rng, train):
     torch.testing.assert_close(loss_c, loss, rtol=1e-5, atol=1e-5)
     assert grads_c.keys() == grads.keys()
     for key in grads:
-        torch.testing.assert_close(grads_c[key], grads[key], rtol=1e-4, atol=1e-5, msg=key)
+        # Compiled kernels re-order fp32 sums: the error scales with the largest gradient entry
+        # (the embeddings' grads reach ~40, where fp32 rounding alone is ~4e-6).
+        atol = max(1e-5, 2e-6 * grads[key].abs().max().item())
+        torch.testing.assert_close(grads_c[key], grads[key], rtol=1e-4, atol=atol, msg=key)
 
 
 @pytest.mark.parametrize("name", ["declip_tiny", "declip_tiny_rn"])
