@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .write import Pair, WriteConfig, write_pairs
+from .sources import Pair
+from .write import WriteConfig, write_pairs
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 CLASSES = ("t-shirt", "pair of trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",

@@ -2,7 +2,7 @@
 
 It reads what ``declip_fast.data.write`` reads (a CSV/TSV of image path + caption rows, a folder
 of images with same-named ``.txt`` captions, webdataset ``.tar`` shards; listed by
-``write.list_pairs``), or any list of ``(image path, caption)`` pairs. Per sample, in DataLoader
+``sources.list_pairs``), or any list of ``(image path, caption)`` pairs. Per sample, in DataLoader
 workers: the image is decoded once (Pillow, RGB; large JPEGs at a reduced DCT scale), cropped
 twice with torchvision v2 ``RandomResizedCrop`` + ``RandomHorizontalFlip``; the caption is
 tokenized and one
@@ -195,8 +195,8 @@ class _EpochKeys(Sampler):
 
 
 def pairs_from_source(source: str) -> list:
-    """The pairs of a CSV/TSV, a folder of image + .txt, or .tar shards (``write.list_pairs``)."""
-    from declip_fast.data.write import list_pairs
+    """The pairs of a CSV/TSV, a folder of image + .txt, or .tar shards (``sources.list_pairs``)."""
+    from declip_fast.data.sources import list_pairs
 
     pairs, skips = list_pairs(source)
     for skip in skips[:LOGGED_SKIPS]:
