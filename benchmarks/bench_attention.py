@@ -22,6 +22,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks.peaks import cuda_time, gpu_bf16_matmul_tflops
 from declip_fast.models.attention import attention, resolve_backend, xformers_available
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -37,32 +38,9 @@ BACKENDS = ["xformers", "sdpa"]
 _RESULTS: dict[tuple[str, str, str], float | str] = {}
 
 
-def _event_time(fn, reps=15, iters=10, warmup=3):
-    """Median seconds per call: CUDA events around ``iters`` back-to-back calls, ``reps`` times.
-
-    Several calls per measurement keep the GPU busy between the events, so a ~0.1 ms kernel is
-    not timed together with the host's launch latency.
-    """
-    for _ in range(warmup):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / iters)
-    return sorted(times)[len(times) // 2]
-
-
 @pytest.fixture(scope="module")
 def matmul_tflops():
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    return 2 * 8192**3 / _event_time(lambda: a @ b, reps=10, iters=5) / 1e12
+    return gpu_bf16_matmul_tflops()
 
 
 def _inputs(case: str, phase: str):
@@ -105,7 +83,7 @@ def _measure(case: str, phase: str, backend: str) -> float | str:
             try:
                 step = _step(case, phase, backend)
                 step()  # xformers may import yet have no kernel for this torch / GPU / layout
-                _RESULTS[key] = _event_time(step)
+                _RESULTS[key] = cuda_time(step, reps=15, iters=10)
             except (RuntimeError, NotImplementedError, ValueError) as exc:
                 _RESULTS[key] = f"{backend} failed: {type(exc).__name__}: {str(exc)[:200]}"
         torch.cuda.empty_cache()

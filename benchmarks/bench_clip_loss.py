@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from benchmarks.peaks import cpu_fp32_matmul_gflops
 from benchmarks.peak_memory import loss_module, make_inputs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,21 +36,9 @@ def _peak_extra_bytes(impl: str, n: int) -> int:
     return json.loads(out.stdout)["extra_bytes"]
 
 
-def _matmul_gflops(n: int = 4096, reps: int = 10) -> float:
-    """The best rate of an fp32 [n, D] x [D, n] product over ``reps`` tries: the peak to beat."""
-    a, b = torch.randn(n, D), torch.randn(n, D)
-    a @ b.T  # warm-up
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        a @ b.T
-        best = min(best, time.perf_counter() - start)
-    return 2 * n * n * D / best / 1e9
-
-
 @pytest.fixture(scope="module")
 def matmul_peak():
-    return _matmul_gflops()
+    return cpu_fp32_matmul_gflops(d=D)
 
 
 @pytest.mark.parametrize("n", SIZES)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks.peaks import cuda_time, gpu_bf16_matmul_tflops
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 SIZES = [8192, 32768, 131072]
@@ -19,26 +21,9 @@ DIMS = [512, 1024]
 PHASES = {"fwd": 2, "bwd": 6, "fwd+bwd": 8}  # FLOPs in units of N^2 D
 
 
-def _sync_time(fn, reps=10, warmup=3):
-    for _ in range(warmup):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
-
-
 @pytest.fixture(scope="module")
 def matmul_tflops():
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    return 2 * 8192**3 / _sync_time(lambda: a @ b, reps=20) / 1e12
+    return gpu_bf16_matmul_tflops()
 
 
 def _loss_fn(impl):
@@ -82,9 +67,9 @@ def test_contrastive_gpu(benchmark, report, matmul_tflops, impl, n, d, phase):
             step = lambda: loss_fn(a, b, scale).backward()  # minus the forward, below
         else:
             step = lambda: loss_fn(a, b, scale).backward()
-        seconds = _sync_time(step)
+        seconds = cuda_time(step)
         if phase == "bwd":
-            seconds -= _sync_time(lambda: loss_fn(a, b, scale))
+            seconds -= cuda_time(lambda: loss_fn(a, b, scale))
     except torch.cuda.OutOfMemoryError:
         pytest.skip(f"{impl} does not fit at N={n}, D={d}")
     benchmark.pedantic(step, rounds=1, iterations=1)

@@ -28,12 +28,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from benchmarks.peaks import cpu_fp32_matmul_gflops, cuda_time, gpu_bf16_matmul_tflops
 from benchmarks.peak_memory_lookup import lookup_fn, make_lookup_inputs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,37 +63,12 @@ def _skip_reason(device: str, impl: str, m: int, d: int) -> str | None:
     return None
 
 
-def _sync_time(fn, reps=10, warmup=3):
-    for _ in range(warmup):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
-
-
 @pytest.fixture(scope="module")
 def matmul_tflops(device):
     """This machine's matrix-product rate in the benchmark's dtype, measured in this run."""
     if device == "cuda":
-        a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-        b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-        return 2 * 8192**3 / _sync_time(lambda: a @ b, reps=20) / 1e12
-    n, d = 4096, 512  # as bench_clip_loss.py: the best of 10 fp32 [n, d] x [d, n] products
-    a, b = torch.randn(n, d), torch.randn(n, d)
-    a @ b.T  # warm-up
-    best = float("inf")
-    for _ in range(10):
-        start = time.perf_counter()
-        a @ b.T
-        best = min(best, time.perf_counter() - start)
-    return 2 * n * n * d / best / 1e12
+        return gpu_bf16_matmul_tflops()
+    return cpu_fp32_matmul_gflops() / 1e3
 
 
 def _case_inputs(b: int, m: int, d: int, device: str):
@@ -159,7 +134,7 @@ def test_nn_lookup(benchmark, report, device, matmul_tflops, b, m, d, impl):
     if device == "cuda":
         try:
             extra = _gpu_peak_extra_bytes(search, queries)
-            seconds = _sync_time(lambda: search(queries))
+            seconds = cuda_time(lambda: search(queries))
         except torch.cuda.OutOfMemoryError:
             pytest.skip(f"{impl} does not fit at B={b}, M={m}, D={d}")
         benchmark.pedantic(search, args=(queries,), rounds=1, iterations=1)

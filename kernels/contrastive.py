@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from declip_fast.kernels.tuning import bucket, interpreting, tuning
+from declip_fast.kernels.tuning import bucket, dot_precision, interpreting, tuning
 
 LN2 = 0.6931471805599453
 
@@ -280,12 +280,6 @@ def _grid_dims(m: int, n: int) -> tuple[int, int]:
 
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs: three TF32 tensor-core products per dot, about fp32 accuracy (plain IEEE fp32
-    # dots run on FMA units and spill at these tile sizes). 16-bit inputs ignore the setting.
-    return "tf32x3" if dtype == torch.float32 else "tf32"
-
-
 def _check_inputs(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> None:
     if a.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"the Triton contrastive kernel takes fp16, bf16 or fp32, got {a.dtype}")
@@ -324,7 +318,7 @@ def forward_stats(a, b, scale, offset: int, symmetric: bool):
         a, b, scale32, row_m, row_l, col_m, col_l, pos,
         m, n, d, offset, bucket(m), bucket(n),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        SYMMETRIC=symmetric, PRECISION=_precision(a.dtype),
+        SYMMETRIC=symmetric, PRECISION=dot_precision(a.dtype),
     )
     row = _fold(row_m, row_l)
     col = _fold(col_m, col_l) if symmetric else None
@@ -378,13 +372,16 @@ def backward_grads(a, b, scale, row, col, offset: int, weights, want_db: bool, g
     mult = (grad_loss.detach().to(torch.float32) * w_pos).reshape(1)
     scale32 = scale.detach().reshape(1).to(torch.float32)
     rows, cols = plan_windows(m, n, d, a.dtype, want_db, workspace_bytes)
-    direct = a.dtype == torch.float32  # accumulate into the gradients themselves
-    da = torch.zeros((m, d), dtype=a.dtype, device=a.device) if direct else torch.empty_like(a)
-    db = torch.zeros((n, d), dtype=b.dtype, device=b.device) if want_db else None
-    if want_db and not direct:
-        db = torch.empty_like(b)
+    # fp32 inputs accumulate straight into their (zeroed) gradients, 16-bit ones into fp32 windows.
+    direct = a.dtype == torch.float32
+    new = torch.zeros if direct else torch.empty
+    da = new((m, d), dtype=a.dtype, device=a.device)
+    db = new((n, d), dtype=b.dtype, device=b.device) if want_db else None
     da_win = da if direct else torch.empty((rows, d), **f32)
-    db_win = (db if direct else torch.empty((cols, d), **f32)) if want_db else torch.empty((1, d), **f32)
+    if not want_db:
+        db_win = torch.empty((1, d), **f32)  # never touched: the kernel runs with WANT_DB=False
+    else:
+        db_win = db if direct else torch.empty((cols, d), **f32)
     ds_parts = []
     for r0 in range(0, m, rows):
         r1 = min(m, r0 + rows)
@@ -400,7 +397,7 @@ def backward_grads(a, b, scale, row, col, offset: int, weights, want_db: bool, g
                 r1 - r0, c1 - c0, d, offset + r0 - c0, bucket(r1 - r0), bucket(c1 - c0),
                 w_row / w_pos, w_col / w_pos,
                 a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                SYMMETRIC=symmetric, PRECISION=_precision(a.dtype), WANT_DB=want_db,
+                SYMMETRIC=symmetric, PRECISION=dot_precision(a.dtype), WANT_DB=want_db,
             )
             ds_parts.append(ds.sum())
             if want_db and not direct:

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from declip_fast.kernels.reference import check_lookup
-from declip_fast.kernels.tuning import bucket, interpreting, tuning
+from declip_fast.kernels.tuning import bucket, dot_precision, interpreting, tuning
 
 # Programs per SM the split count aims for, and the most splits (partials cost S * B * 12 bytes).
 PROGRAMS_PER_SM = 4
@@ -142,7 +142,7 @@ def nn_lookup(queries: torch.Tensor, bank: torch.Tensor, valid: int | None = Non
         q, k, scores, index,
         b, m, d, bucket(b), bucket(m),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
+        PRECISION=dot_precision(q.dtype),
     )
     if splits == 1:
         return scores[0], index[0]

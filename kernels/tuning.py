@@ -19,6 +19,13 @@ def input_class(dtype: torch.dtype) -> str:
     return "fp32" if dtype == torch.float32 else "16-bit"
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision: fp32 inputs take three TF32 tensor-core products per dot
+    (about fp32 accuracy; plain IEEE fp32 dots run on FMA units and spill at these tiles);
+    16-bit inputs ignore the setting."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
 def tuning(table: dict, pointer: str):
     """(every config of ``table``, autotune's pruning hook keeping the configs of the call's input
     class, read from the dtype of the argument named ``pointer``).

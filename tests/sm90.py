@@ -57,6 +57,19 @@ def compile_sm90(specs: list[dict], timeout: float = 600.0) -> list[KernelResour
     return [KernelResources(**r) for r in json.loads(proc.stdout)]
 
 
+def hopper_problems(specs: list[dict], pointer: str) -> list[str]:
+    """Compile ``specs`` for sm_90; one line per config that spills, or that has 16-bit inputs
+    (the type of argument ``pointer``) and no wgmma in its PTX."""
+    problems = []
+    for spec, res in zip(specs, compile_sm90(specs)):
+        what = f"{spec['kernel']} {spec['signature'][pointer]} {spec['constexprs']}"
+        if res.spills:
+            problems.append(f"{what}: {res.spills} spill bytes ({res.registers} registers)")
+        if spec["signature"][pointer] != "*fp32" and not res.has_wgmma:
+            problems.append(f"{what}: no wgmma in the PTX")
+    return problems
+
+
 _PTXAS_PATTERNS = {
     "registers": r"Used (\d+) registers",
     "spill_stores": r"(\d+) bytes spill stores",

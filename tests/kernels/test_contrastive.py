@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from declip_fast.kernels import contrastive, reference, tuning
-from tests.sm90 import compile_sm90
+from tests.sm90 import hopper_problems
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -168,7 +168,7 @@ _BWD_ARGS = dict(
 def _specs():
     specs = []
     for dtype in _T:
-        precision = contrastive._precision(dtype)
+        precision = tuning.dot_precision(dtype)
         for kernel, args, configs, flags in (
             ("_fwd_kernel", _FWD_ARGS, contrastive.HOPPER_FWD, dict(SYMMETRIC=True)),
             ("_bwd_kernel", _BWD_ARGS, contrastive.HOPPER_BWD, dict(SYMMETRIC=True, WANT_DB=True)),
@@ -184,14 +184,7 @@ def _specs():
 
 @pytest.mark.slow
 def test_every_hopper_config_compiles_without_spills():
-    specs = _specs()
-    problems = []
-    for spec, res in zip(specs, compile_sm90(specs)):
-        what = f"{spec['kernel']} {spec['signature']['a_ptr']} {spec['constexprs']}"
-        if res.spills:
-            problems.append(f"{what}: {res.spills} spill bytes ({res.registers} registers)")
-        if spec["signature"]["a_ptr"] != "*fp32" and not res.has_wgmma:
-            problems.append(f"{what}: no wgmma in the PTX")
+    problems = hopper_problems(_specs(), "a_ptr")
     assert not problems, "\n".join(problems)
 
 

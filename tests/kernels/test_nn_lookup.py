@@ -11,7 +11,7 @@ import torch
 
 from declip_fast.kernels import nn_lookup as lookup
 from declip_fast.kernels import reference, tuning
-from tests.sm90 import compile_sm90
+from tests.sm90 import hopper_problems
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CPU_DTYPES = [torch.float32, torch.float16]
@@ -114,7 +114,7 @@ _ARGS = dict(score_ptr="*fp32", index_ptr="*i64", B="i32", M="i32", D="i32", B_B
 def _specs():
     specs = []
     for dtype, t in _T.items():
-        precision = "tf32x3" if dtype == torch.float32 else "tf32"
+        precision = tuning.dot_precision(dtype)
         for meta, opts in lookup.HOPPER[tuning.input_class(dtype)]:
             consts = dict(PRECISION=precision, **meta)
             signature = dict(q_ptr=t, k_ptr=t, **_ARGS, **{c: "constexpr" for c in consts})
@@ -125,14 +125,7 @@ def _specs():
 
 @pytest.mark.slow
 def test_every_hopper_config_compiles_without_spills():
-    specs = _specs()
-    problems = []
-    for spec, res in zip(specs, compile_sm90(specs)):
-        what = f"{spec['signature']['q_ptr']} {spec['constexprs']}"
-        if res.spills:
-            problems.append(f"{what}: {res.spills} spill bytes ({res.registers} registers)")
-        if spec["signature"]["q_ptr"] != "*fp32" and not res.has_wgmma:
-            problems.append(f"{what}: no wgmma in the PTX")
+    problems = hopper_problems(_specs(), "q_ptr")
     assert not problems, "\n".join(problems)
 
 
