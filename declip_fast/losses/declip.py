@@ -19,7 +19,8 @@ tells the model which views and heads to run, so CLIP-only costs what CLIP costs
 Input: the model's feature dict (``declip_fast.models.DeCLIP.forward``): ``image_features`` and
 ``text_features`` (lists of L2-normalized [B, E] views), ``logit_scale`` (already exponentiated,
 like OpenCLIP's), ``image_proj`` / ``image_pred`` (lists per image view) for SimSiam,
-``mlm_logits`` [K, V] at the masked positions with ``mlm_targets`` [K]. Distributed: the
+``mlm_logits`` [K, V] at the masked positions with ``mlm_targets`` [K], or ``mlm_loss`` (the
+model's fused head, which takes precedence). Distributed: the
 contrastive terms use the gathered ClipLoss (``local_loss=True, gather_with_grad=True``) and
 NNS its gathered neighbours, so gradients averaged over ranks equal the single-process ones.
 """
@@ -116,8 +117,11 @@ class DeCLIPLoss(nn.Module):
             p, z = self._require(features, "image_pred", 2), self._require(features, "image_proj", 2)
             losses["iss"] = self.simsiam(p[0], p[1], z[0], z[1])
         if w["tss"]:
-            logits, targets = self._require(features, "mlm_logits"), self._require(features, "mlm_targets")
-            losses["tss"] = self.mlm(logits, targets)
+            if features.get("mlm_loss") is not None:
+                losses["tss"] = features["mlm_loss"]
+            else:
+                logits = self._require(features, "mlm_logits")
+                losses["tss"] = self.mlm(logits, self._require(features, "mlm_targets"))
         if w["nns"]:
             nns = self.nns(images, texts, scale)
             if nns is not None:

@@ -7,7 +7,8 @@ OpenCLIP's interface: ``encode_image(images, normalize=False)``, ``encode_text(t
 normalize=False)``, ``logit_scale`` (the raw parameter, ln of the scale; init ln(1/0.07); shape
 ``[1]`` because FSDP2 cannot shard 0-dim parameters).
 
-``forward(images_1, images_2=None, text_1=None, text_2=None, mlm_positions=None)`` computes only
+``forward(images_1, images_2=None, text_1=None, text_2=None, mlm_positions=None, mlm_targets=None)``
+computes only
 what it is given and returns the dict ``declip_fast.losses.DeCLIPLoss`` reads (OpenCLIP's forward
 conventions: normalised features, exponentiated scale):
 
@@ -18,15 +19,21 @@ conventions: normalised features, exponentiated scale):
 - ``mlm_logits``: ``[K, vocab]`` for the K positions ``mlm_positions`` selects in ``text_1``'s
   final token states (bool mask ``[B, L]`` or flat int indices, see ``heads.gather_positions``),
   in row-major order: the matching targets are ``targets[mask]``;
+- ``mlm_loss`` instead of ``mlm_logits`` when ``mlm_targets`` is given (``[K]`` matching the
+  positions, or ``[B, L]`` with -100 where nothing was masked; the positions then default to
+  where it is not -100): the mean cross-entropy from ``MLMHead.loss``, which never stores the
+  logits. The training path; ``DeCLIPLoss`` takes either form;
 - ``logit_scale``: ``exp(self.logit_scale)`` as a 0-dim tensor, unclamped (the trainer keeps
   the parameter in [ln 20, ln 100] after each step, SPEC 3).
 
 Heads that are built are used: build the model with ``simsiam=None`` / ``mlm=False`` when the
 loss does not need them (``DeCLIPLoss.needs()``), and they cost nothing.
 
-Views share one forward pass where the tower is batch-independent (ViT, text, ResNet in eval):
-concatenating them halves the kernel launches and, under FSDP2, the parameter all-gathers per
-step. The ResNet in training runs each view alone so each keeps its own batch-norm statistics.
+On accelerators, views share one forward pass where the tower is batch-independent (ViT, text,
+ResNet in eval): concatenating them halves the kernel launches and, under FSDP2, the parameter
+all-gathers per step. On the CPU each view runs alone: the doubled activations fall out of cache
+(tiny text tower, 2 x 128 captions: 264 ms fwd+bwd as two passes, 341 ms as one). The ResNet
+in training always runs each view alone so each keeps its own batch-norm statistics.
 
 Meta-device flow (FSDP2): build under ``torch.device("meta")``, shard, ``to_empty(device=...)``,
 then ``init_weights()`` re-runs every initialisation (children first, so a parent's scheme, such
@@ -42,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from declip_fast.losses.linear_ce import IGNORE_INDEX
 from declip_fast.models.attention import Backend
 from declip_fast.models.heads import MLMHead, SimSiamConfig, SimSiamPredictor, SimSiamProjector
 from declip_fast.models.resnet import ModifiedResNet, ResNetConfig
@@ -87,6 +95,7 @@ class DeCLIP(nn.Module):
         # nonscalar_logit_scale=True, for the same reason). Conversion reshapes both ways.
         self.logit_scale = nn.Parameter(torch.empty(1))
         self.projector = self.predictor = self.mlm_head = None
+        self.fuse_views: bool | None = None  # one forward for both views; None: not on the CPU
         if config.simsiam is not None:
             self.projector = SimSiamProjector(embed, config.simsiam.dim)
             self.predictor = SimSiamPredictor(config.simsiam.dim, config.simsiam.pred_dim)
@@ -132,11 +141,16 @@ class DeCLIP(nn.Module):
         text_1: torch.Tensor | None = None,
         text_2: torch.Tensor | None = None,
         mlm_positions: torch.Tensor | None = None,
+        mlm_targets: torch.Tensor | None = None,
     ) -> dict:
         if images_2 is not None and images_1 is None:
             raise ValueError("images_2 given without images_1")
         if text_2 is not None and text_1 is None:
             raise ValueError("text_2 given without text_1")
+        if mlm_targets is not None and mlm_positions is None:
+            if mlm_targets.dim() != 2:
+                raise ValueError("mlm_targets without mlm_positions must be [B, L], aligned with text_1")
+            mlm_positions = mlm_targets != IGNORE_INDEX
         if mlm_positions is not None and (self.mlm_head is None or text_1 is None):
             raise ValueError("mlm_positions needs text_1 and a model built with the MLM head (mlm=True)")
         # exp of an indexed element: a fresh 0-dim tensor, not a view (FSDP2 warns on view outputs).
@@ -144,7 +158,7 @@ class DeCLIP(nn.Module):
 
         images = [v for v in (images_1, images_2) if v is not None]
         if images:
-            features = _encode_views(self.visual, images)
+            features = _encode_views(self.visual, images, self.fuse_views)
             if self.projector is not None and len(images) == 2:
                 out["image_proj"] = [self.projector(f) for f in features]
                 out["image_pred"] = [self.predictor(z) for z in out["image_proj"]]
@@ -153,21 +167,27 @@ class DeCLIP(nn.Module):
         texts = [t for t in (text_1, text_2) if t is not None]
         if texts:
             if mlm_positions is None:
-                features = _encode_views(self.text, texts)
+                features = _encode_views(self.text, texts, self.fuse_views)
             else:
-                features, states = _encode_views(self.text, texts, return_tokens=True)
-                out["mlm_logits"] = self.mlm_head(states[0], mlm_positions)
+                features, states = _encode_views(self.text, texts, self.fuse_views, return_tokens=True)
+                if mlm_targets is None:
+                    out["mlm_logits"] = self.mlm_head(states[0], mlm_positions)
+                else:
+                    out["mlm_loss"] = self.mlm_head.loss(states[0], mlm_positions, mlm_targets)
             out["text_features"] = [F.normalize(f, dim=-1) for f in features]
         return out
 
 
-def _encode_views(tower: nn.Module, views: list[torch.Tensor], **kwargs):
-    """The tower on each view; one concatenated forward when the tower allows it.
+def _encode_views(tower: nn.Module, views: list[torch.Tensor], fuse: bool | None = None, **kwargs):
+    """The tower on each view; one concatenated forward when the tower allows it and ``fuse``
+    (None: on accelerators, not on the CPU) says so.
 
     With ``return_tokens=True`` (text) returns ``(features, states)``, each a list per view.
     """
     same_shape = all(v.shape[1:] == views[0].shape[1:] for v in views)
-    fuse = len(views) > 1 and tower.batch_independent and same_shape
+    if fuse is None:
+        fuse = views[0].device.type != "cpu"
+    fuse = fuse and len(views) > 1 and tower.batch_independent and same_shape
     if fuse:
         sizes = [v.shape[0] for v in views]
         result = tower(torch.cat(views), **kwargs)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from declip_fast.losses.linear_ce import IGNORE_INDEX, linear_cross_entropy
+
 
 @dataclass
 class SimSiamConfig:
@@ -90,5 +92,21 @@ class MLMHead(nn.Module):
 
     def forward(self, states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits ``[K, vocab]`` for the K chosen positions of ``states [B, L, W]`` only."""
-        x = gather_positions(states, positions)
-        return self.decoder(self.ln(self.act(self.dense(x))))
+        return self.decoder(self._transform(states, positions))
+
+    def loss(self, states: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy at the chosen positions, without storing their ``[K, vocab]`` logits
+        (``losses.linear_ce``): equal to ``F.cross_entropy(self(states, positions), targets)`` with
+        ``ignore_index=-100``, in ~half the time on the CPU and a fraction of the memory.
+
+        ``targets``: ``[K]`` in the order of the gathered positions, or ``[B, L]`` aligned with
+        ``states`` (then read at ``positions``). Runs inside this module so FSDP2 has the
+        decoder's weight unsharded.
+        """
+        if targets.dim() == 2:
+            targets = gather_positions(targets.unsqueeze(-1), positions).squeeze(-1)
+        x = self._transform(states, positions)
+        return linear_cross_entropy(x, self.decoder.weight, self.decoder.bias, targets, IGNORE_INDEX)
+
+    def _transform(self, states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.ln(self.act(self.dense(gather_positions(states, positions))))

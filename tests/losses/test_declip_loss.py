@@ -94,3 +94,13 @@ def test_missing_features_and_bad_weights_are_named(rng):
         preset("paper", iss=-1)
     with pytest.raises(ValueError, match="preset"):
         preset("nope")
+
+
+def test_a_fused_mlm_loss_from_the_model_is_used_as_the_tss_term(rng):
+    f = _features(rng)
+    fused = torch.tensor(3.25, dtype=torch.float64, requires_grad=True)
+    del f["mlm_logits"], f["mlm_targets"]
+    out = DeCLIPLoss(preset("released", impl="torch"))(dict(f, mlm_loss=fused))
+    assert out["tss"] is fused
+    out["total"].backward()
+    assert abs(fused.grad.item() - declip.PRESETS["released"]["tss"]) < 1e-7  # total is fp32
