@@ -89,17 +89,65 @@ def _save_json(data, path: str) -> None:
     Path(path).write_text(json.dumps(data, indent=2) + "\n")
 
 
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="pretrain a model from a YAML preset (configs/) with overrides",
+                       description="Train from a config preset (a name in configs/ or a YAML path) with "
+                       "dotted key=value overrides, e.g. `declip-fast train demo steps=50 optim.lr=3e-4`. "
+                       "Under torchrun every rank runs this command.")
+    p.add_argument("config", nargs="?", default="demo", help="preset name or YAML file (default: demo)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the config")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=_train)
+
+
+def _train(args, parser) -> int:
+    import logging
+
+    import yaml
+
+    from declip_fast.train.config import load_config, to_dict
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except (ValueError, FileNotFoundError, TypeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from declip_fast.train.trainer import train
+
+    summary = train(config)
+    results = summary.get("zeroshot")
+    line = f"{summary['status']}: {summary['steps']} steps ({summary['skipped_steps']} skipped) in {config.run_dir}"
+    if results:
+        line += "; zero-shot " + ", ".join(f"{k} {v:.1%}" for k, v in results.items() if isinstance(v, float))
+    print(line)
+    return 0
+
+
 def _not_implemented(args, parser) -> int:
     parser.exit(2, f"declip-fast {args.command}: not implemented yet\n")
+
+
+def _add_eval(sub) -> None:
+    try:
+        from declip_fast.eval.cli import add_parser
+    except ImportError:  # the eval package is being written
+        sub.add_parser("eval", help="evaluation (not available)").set_defaults(func=_not_implemented)
+        return
+    add_parser(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="declip-fast", description="Fast DeCLIP / CLIP pretraining.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_write_dataset(sub)
-    for name, text in (("train", "pretrain a model"), ("eval", "zero-shot / linear-probe evaluation"),
-                       ("bench", "benchmarks")):
-        sub.add_parser(name, help=f"{text} (not implemented yet)").set_defaults(func=_not_implemented)
+    _add_train(sub)
+    _add_eval(sub)
+    sub.add_parser("bench", help="benchmarks (not implemented yet; see `make bench`)").set_defaults(
+        func=_not_implemented)
     return parser
 
 

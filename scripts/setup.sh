@@ -45,7 +45,7 @@ log "installing ${TORCH_PINS[*]} (from the local disk where available)"
 pip_quiet install "${TORCH_PINS[@]}"
 # ffcv's build imports numpy and pkgconfig and forgets to declare pillow; give it all three first.
 pip_quiet install numpy pkgconfig pillow setuptools wheel
-log "installing declip_fast with extras [dev,ffcv]"
-pip_quiet install --no-build-isolation -e ".[dev,ffcv]" "${TORCH_PINS[@]}"
+log "installing declip_fast with extras [dev,ffcv,train]"
+pip_quiet install --no-build-isolation -e ".[dev,ffcv,train]" "${TORCH_PINS[@]}"
 echo "$want" > "$STAMP"
 log "done"

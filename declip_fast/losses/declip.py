@@ -79,7 +79,7 @@ def preset(name: str, **overrides) -> DeCLIPLossConfig:
 
 class DeCLIPLoss(nn.Module):
     def __init__(self, config: DeCLIPLossConfig | str = "released", rank: int = 0,
-                 world_size: int = 1, group=None):
+                 world_size: int = 1, group=None, embed_dim: int | None = None, device=None):
         super().__init__()
         self.config = preset(config) if isinstance(config, str) else config
         self.weights = self.config.weights
@@ -87,8 +87,11 @@ class DeCLIPLoss(nn.Module):
                                   world_size=world_size, impl=self.config.impl)
         self.simsiam = SimSiamLoss() if self.weights["iss"] else None
         self.mlm = MLMLoss() if self.weights["tss"] else None
-        self.nns = (NNSLoss(self.config.queue_size, rank=rank, world_size=world_size,
-                            impl=self.config.impl, group=group) if self.weights["nns"] else None)
+        # With embed_dim the queue exists before the first step, so a checkpoint can fill it.
+        self.nns = (NNSLoss(self.config.queue_size, dim=embed_dim, rank=rank, world_size=world_size,
+                            impl=self.config.impl, group=group, device=device)
+                    if self.weights["nns"] else None)
+        self.world_size, self.group = world_size, group
 
     def needs(self) -> dict[str, object]:
         """What the model must compute for this mixture: views and heads."""
@@ -118,7 +121,7 @@ class DeCLIPLoss(nn.Module):
             losses["iss"] = self.simsiam(p[0], p[1], z[0], z[1])
         if w["tss"]:
             if features.get("mlm_loss") is not None:
-                losses["tss"] = features["mlm_loss"]
+                losses["tss"] = self._global_mlm_mean(features["mlm_loss"], features.get("mlm_count"))
             else:
                 logits = self._require(features, "mlm_logits")
                 losses["tss"] = self.mlm(logits, self._require(features, "mlm_targets"))
@@ -128,6 +131,18 @@ class DeCLIPLoss(nn.Module):
                 losses["nns"] = nns
         losses["total"] = sum(w[name] * value.float() for name, value in losses.items())
         return losses
+
+    def _global_mlm_mean(self, local_mean: torch.Tensor, count) -> torch.Tensor:
+        """Ranks mask different numbers of tokens: rescale each rank's mean so that the average
+        over ranks (what gradient averaging computes) is the mean over every masked token of the
+        global batch, as in one process. One all-reduce of a count."""
+        if self.world_size == 1 or count is None:
+            return local_mean
+        import torch.distributed as dist
+
+        total = count.detach().to(torch.float32).clone()
+        dist.all_reduce(total, group=self.group)
+        return local_mean * (count.to(torch.float32) * self.world_size / total.clamp(min=1))
 
     def _views(self, features: dict):
         images = self._require(features, "image_features")

@@ -22,7 +22,8 @@ conventions: normalised features, exponentiated scale):
 - ``mlm_loss`` instead of ``mlm_logits`` when ``mlm_targets`` is given (``[K]`` matching the
   positions, or ``[B, L]`` with -100 where nothing was masked; the positions then default to
   where it is not -100): the mean cross-entropy from ``MLMHead.loss``, which never stores the
-  logits. The training path; ``DeCLIPLoss`` takes either form;
+  logits, with ``mlm_count`` (how many positions it averages, for the mean over ranks). The
+  training path; ``DeCLIPLoss`` takes either form;
 - ``logit_scale``: ``exp(self.logit_scale)`` as a 0-dim tensor, unclamped (the trainer keeps
   the parameter in [ln 20, ln 100] after each step, SPEC 3).
 
@@ -173,7 +174,8 @@ class DeCLIP(nn.Module):
                 if mlm_targets is None:
                     out["mlm_logits"] = self.mlm_head(states[0], mlm_positions)
                 else:
-                    out["mlm_loss"] = self.mlm_head.loss(states[0], mlm_positions, mlm_targets)
+                    out["mlm_loss"], out["mlm_count"] = self.mlm_head.loss(states[0], mlm_positions, mlm_targets,
+                                                                           return_count=True)
             out["text_features"] = [F.normalize(f, dim=-1) for f in features]
         return out
 

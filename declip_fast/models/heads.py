@@ -94,19 +94,22 @@ class MLMHead(nn.Module):
         """Logits ``[K, vocab]`` for the K chosen positions of ``states [B, L, W]`` only."""
         return self.decoder(self._transform(states, positions))
 
-    def loss(self, states: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def loss(self, states: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
+             return_count: bool = False):
         """Mean cross-entropy at the chosen positions, without storing their ``[K, vocab]`` logits
         (``losses.linear_ce``): equal to ``F.cross_entropy(self(states, positions), targets)`` with
         ``ignore_index=-100``, in ~half the time on the CPU and a fraction of the memory.
 
         ``targets``: ``[K]`` in the order of the gathered positions, or ``[B, L]`` aligned with
         ``states`` (then read at ``positions``). Runs inside this module so FSDP2 has the
-        decoder's weight unsharded.
+        decoder's weight unsharded. ``return_count``: also the number of positions that count
+        (targets not -100), for a mean over several ranks.
         """
         if targets.dim() == 2:
             targets = gather_positions(targets.unsqueeze(-1), positions).squeeze(-1)
         x = self._transform(states, positions)
-        return linear_cross_entropy(x, self.decoder.weight, self.decoder.bias, targets, IGNORE_INDEX)
+        loss = linear_cross_entropy(x, self.decoder.weight, self.decoder.bias, targets, IGNORE_INDEX)
+        return (loss, (targets != IGNORE_INDEX).sum()) if return_count else loss
 
     def _transform(self, states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.ln(self.act(self.dense(gather_positions(states, positions))))

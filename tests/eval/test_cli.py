@@ -1,0 +1,137 @@
+"""``declip-fast eval``: model loading and the subcommand end to end (folder and demo data)."""
+
+import argparse
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from declip_fast.eval.cli import add_parser, load_model
+from declip_fast.models.presets import build
+from tests.eval.test_zeroshot import COLOURS, make_folder
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(prog="declip-fast")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    return parser, parser.parse_args(["eval", *argv])
+
+
+def main(argv) -> int:
+    parser, args = parse(argv)
+    return args.func(args, parser)
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build("declip_tiny")
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    torch.save(model.state_dict(), path)
+    return path, model
+
+
+def _same_parameters(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_load_model_from_state_dict_files(weights_file, tmp_path):
+    path, model = weights_file
+    assert _same_parameters(load_model(path, "declip_tiny"), model)
+    wrapped = tmp_path / "wrapped.pt"  # a trainer-style dict with DDP / compile prefixes
+    torch.save({"model": {f"module.{k}": v for k, v in model.state_dict().items()}, "step": 3}, wrapped)
+    assert _same_parameters(load_model(wrapped, "declip_tiny"), model)
+    with pytest.raises(ValueError, match="--preset"):
+        load_model(path, None)
+    with pytest.raises(RuntimeError, match="Missing key|Unexpected key|size mismatch"):
+        load_model(path, "declip_tiny_rn")
+    with pytest.raises(FileNotFoundError, match="nothing.pt not found"):
+        load_model(tmp_path / "nothing.pt", "declip_tiny")
+
+
+def test_load_model_from_a_run_folder_goes_through_the_trainer(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(ValueError, match="is not a run folder"):
+        load_model(run, None)
+    (run / "config.yaml").write_text("model:\n  preset: clip_tiny\n")
+    stub = types.ModuleType("declip_fast.train.checkpoint")  # without load_model_for_eval
+    monkeypatch.setitem(sys.modules, "declip_fast.train.checkpoint", stub)
+    with pytest.raises(RuntimeError, match="load_model_for_eval"):
+        load_model(run, None)
+    seen = []
+    stub.load_model_for_eval = lambda path, model: seen.append((path, model)) or path
+    model = load_model(run, None)
+    assert seen == [(run, model)] and model.config.simsiam is None  # built from config.yaml
+    assert load_model(run, "declip_tiny").config.simsiam is not None  # --preset wins
+
+
+@pytest.mark.slow  # torch.distributed.checkpoint: ~6 s here
+def test_load_model_from_a_real_checkpoint(weights_file, tmp_path):
+    checkpoint = pytest.importorskip("declip_fast.train.checkpoint")
+    from declip_fast.train.config import ModelConfig, TrainConfig, save_config
+
+    _, model = weights_file
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(TrainConfig(run_dir=str(run), model=ModelConfig(preset="declip_tiny")), run / "config.yaml")
+    saved = checkpoint.Checkpointer(run).save(7, model, torch.optim.SGD(model.parameters(), lr=0.1))
+    for where in (run, saved):  # the run folder (newest checkpoint) or the checkpoint folder itself
+        assert _same_parameters(load_model(where), model)
+
+
+def test_eval_on_an_image_folder_prints_the_table(weights_file, tmp_path, capsys):
+    root = make_folder(tmp_path / "images")
+    classes = tmp_path / "classes.json"
+    classes.write_text(json.dumps({"classes": [c.split("_")[1] for c in sorted(COLOURS)],
+                                   "templates": ["a {} image.", "the colour {}."]}))
+    path, _ = weights_file
+    code = main([str(path), "--preset", "declip_tiny", "--data", str(root), "--classes", str(classes),
+                 "--workers", "0", "--batch-size", "5"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    rows = dict(line.rsplit(None, 1) for line in out.splitlines()[1:])
+    assert rows["zero-shot n"] == "12"
+    assert 0 <= float(rows["zero-shot top1"]) <= float(rows["zero-shot top5"]) == 1.0  # 4 classes: top-4
+
+
+def test_eval_argument_errors(weights_file, tmp_path, capsys):
+    path, _ = weights_file
+    with pytest.raises(SystemExit):
+        main([str(path), "--preset", "declip_tiny"])  # neither --data nor --demo
+    assert "give either --data PATH or --demo DIR" in capsys.readouterr().err
+    root = make_folder(tmp_path / "images")
+    assert main([str(path), "--data", str(root)]) == 1
+    assert "--preset" in capsys.readouterr().err
+    assert main([str(path), "--preset", "declip_tiny", "--data", str(root), "--linear-probe"]) == 1
+    assert "--linear-probe needs --train-data" in capsys.readouterr().err
+    assert main([str(path), "--preset", "declip_tiny", "--demo", str(tmp_path / "nodemo")]) == 1
+    assert "write-dataset --demo" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"classes": ["only", "three", "names"]}')
+    assert main([str(path), "--preset", "declip_tiny", "--data", str(root), "--classes", str(bad)]) == 1
+    assert "names 3 classes" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_eval_demo_with_linear_probe(weights_file, demo_data, capsys):
+    from declip_fast.eval.zeroshot import zeroshot_demo
+
+    path, model = weights_file
+    code = main([str(path), "--preset", "declip_tiny", "--demo", str(demo_data.classes.parent),
+                 "--linear-probe", "--workers", "1"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    rows = dict(line.rsplit(None, 1) for line in out.splitlines()[1:])
+    expected = zeroshot_demo(model, demo_data.classes.parent, "cpu", 32, num_workers=1)
+    assert float(rows["zero-shot top1"]) == pytest.approx(expected["top1"], abs=1e-4)
+    assert rows["zero-shot n"] == "200" and rows["linear-probe n_train"] == "64"
+    assert 0 <= float(rows["linear-probe top1"]) <= 1
+    assert float(rows["linear-probe best_C"]) in [pytest.approx(c) for c in np.logspace(-3, 3, 7)]
+    # --data with the .beton beside classes.json reads the same labels and prompts
+    assert main([str(path), "--preset", "declip_tiny", "--data", str(demo_data.test), "--workers", "1"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split() == out.splitlines()[1].split()
