@@ -12,7 +12,8 @@ four tokenized EDA variants) and ``index`` (the row). Per batch:
   the crops go to the device as uint8 and get the batched colour augmentations of
   :mod:`declip_fast.data.augment` there;
 - text view 1 is ``tokens`` masked by :func:`~declip_fast.data.masking.mask_tokens`; text view 2
-  one of the four ``eda_tokens`` rows per sample, drawn from a generator seeded per epoch;
+  one of the four ``eda_tokens`` rows per sample, drawn from a generator seeded per batch
+  (``BatchViews.start_batch``);
 - everything kept is copied out of FFCV's buffers, which the next batch overwrites.
 
 Order: ``DistributedSampler``'s seeded shuffle and sharding (``loader.shard_order``), passed to
@@ -20,7 +21,15 @@ FFCV as its traversal order; the fallback uses the same, so both backends give e
 samples. FFCV's own ``distributed=True`` order builds that sampler too, but without rank and
 world size, so it only works inside an initialized process group; ours takes them from the config
 or the group, and honours ``drop_last`` (no sample twice; FFCV pads). ``QUASI_RANDOM`` does not
-support distributed loading at all.
+support distributed loading at all. Resuming at batch k (``set_epoch(epoch, k)``) drops the first
+k batches' samples from that order, so FFCV never reads them.
+
+Reproducible crops: FFCV's compiled pipeline cannot see the epoch or our generators, and FFCV
+1.0.2's own crop and flip ops draw from numba's unseeded generator. The fused decoder therefore
+seeds numba's generator (per thread) for each sample from a hash of the config seed, the batch's
+sample ids (which follow the seeded, per-epoch shuffle) and the sample's place in the batch: the
+same batch gets the same crops whatever the number of threads or where an epoch was resumed. The
+two-pipeline path (``ffcv_fused_views=False``) keeps FFCV's unseeded crops and flips.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from declip_fast.data.loader import BatchViews, DataConfig, shard_order
+from declip_fast.data.loader import BatchViews, DataConfig, ResumableEpochs, shard_order
 
 FIELDS = ("image", "tokens", "eda_tokens", "index")  # declip_fast.data.write.FIELDS
 
@@ -41,10 +50,11 @@ def _sharded_order(config: DataConfig, rank: int, world: int):
     class ShardedRandom(TraversalOrder):
         def __init__(self, loader):
             super().__init__(loader)
+            self.skip = 0  # samples to drop from the front: set around one epoch's start
 
         def sample_order(self, epoch: int):
             picks = shard_order(len(self.indices), config.seed, epoch, rank, world, config.drop_last)
-            return self.indices[np.asarray(picks, dtype=np.int64)]
+            return self.indices[np.asarray(picks[self.skip:], dtype=np.int64)]
 
     class Factory(TraversalOrder):
         def __init__(self):  # no loader yet; FFCV passes it to __call__
@@ -72,17 +82,57 @@ def _image_pipeline(config: DataConfig, device: torch.device) -> list:
     return ops + [ToTorchImage()]
 
 
-def two_view_decoder(size: int, scale: tuple[float, float], ratio=(3 / 4, 4 / 3)):
+CROP_STREAM = 5  # the fused decoder's seed stream (BatchViews uses 1, 2; the fallback 3, 4)
+
+
+def _mix32(h):
+    """murmur3's 32-bit finalizer on a value < 2**32 held in a uint64: no product reaches 2**64,
+    so numba and plain numpy (FFCV's compiler off) agree, and numpy never warns of overflow."""
+    h = h ^ (h >> np.uint64(16))
+    h = (h * np.uint64(0x85EBCA6B)) & np.uint64(0xFFFFFFFF)
+    h = h ^ (h >> np.uint64(13))
+    h = (h * np.uint64(0xC2B2AE35)) & np.uint64(0xFFFFFFFF)
+    return h ^ (h >> np.uint64(16))
+
+
+def crop_seeders(compile=lambda f: f):
+    """(batch_key, sample_seed), built with ``compile`` (FFCV's ``Compiler.compile`` or none):
+    ``batch_key(ids, key)`` folds a batch's sample ids, in order, into ``key`` (32 bits);
+    ``sample_seed(batch_key, i)`` is the uint32 seed of the batch's i-th sample."""
+    mix = compile(_mix32)
+
+    def batch_key(ids, key):
+        h = np.uint64(key)
+        for k in range(len(ids)):
+            x = np.uint64(ids[k])
+            h = mix(h ^ (x & np.uint64(0xFFFFFFFF)))
+            h = mix(h ^ (x >> np.uint64(32)))
+        return h
+
+    def sample_seed(key, i):
+        slot = (np.uint64(i) + np.uint64(0x9E3779B9)) & np.uint64(0xFFFFFFFF)
+        return np.uint32(mix(key ^ mix(slot)))
+
+    return compile(batch_key), compile(sample_seed)
+
+
+def two_view_decoder(size: int, scale: tuple[float, float], ratio=(3 / 4, 4 / 3), seed: int = 0):
     """An FFCV decoder that decodes each JPEG once and writes two independent random resized
     crops, each flipped with p = 0.5: uint8 [B, 2, size, size, 3]. Two pipelines on one field
     decode every image twice, and decoding is most of the loader's work (measured: 2 views cost
-    1.9x one view that way). Crops use FFCV's own ``get_random_crop`` and ``resize_crop``."""
+    1.9x one view that way). Crops use FFCV's own ``get_random_crop`` and ``resize_crop``.
+
+    Seeded: before its crops, each sample seeds numba's generator (per thread; numpy's global one
+    when FFCV's compiler is off) from ``seed``, the batch's sample ids and its place in the
+    batch (:func:`crop_seeders`), so the crops depend on the batch, not on thread scheduling."""
     from dataclasses import replace
 
     from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder, get_random_crop
     from ffcv.libffcv import imdecode, resize_crop
     from ffcv.pipeline.allocation_query import AllocationQuery
     from ffcv.pipeline.compiler import Compiler
+
+    seed_key = int(np.random.SeedSequence([seed, CROP_STREAM]).generate_state(1)[0])  # < 2**32
 
     class TwoViewRandomResizedCrop(ResizedCropRGBImageDecoder):  # an RGB decoder, so FFCV takes it as one
         def __init__(self):
@@ -102,10 +152,13 @@ def two_view_decoder(size: int, scale: tuple[float, float], ratio=(3 / 4, 4 / 3)
             mem_read, my_range, jpg = self.memory_read, Compiler.get_iterator(), IMAGE_MODES["jpg"]
             imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
             get_crop_c, crop_scale, crop_ratio = Compiler.compile(get_random_crop), self.scale, self.ratio
+            batch_key_c, sample_seed_c = crop_seeders(Compiler.compile)
 
             def decode(batch_indices, my_storage, metadata, storage_state):
                 destination, temp_storage = my_storage
+                batch_key = batch_key_c(batch_indices, seed_key)
                 for dst_ix in my_range(len(batch_indices)):
+                    np.random.seed(sample_seed_c(batch_key, dst_ix))
                     field = metadata[batch_indices[dst_ix]]
                     image_data = mem_read(field["data_ptr"], storage_state)
                     height, width = np.uint32(field["height"]), np.uint32(field["width"])
@@ -136,7 +189,7 @@ def pick_eda_variant(eda_tokens: torch.Tensor, generator: torch.Generator) -> to
     return eda_tokens[torch.arange(b), pick].to(torch.int64)
 
 
-class FFCVLoader:
+class FFCVLoader(ResumableEpochs):
     """Iterate for contract batches (see :mod:`declip_fast.data.loader`)."""
 
     backend = "ffcv"
@@ -155,7 +208,7 @@ class FFCVLoader:
             raise ValueError(f"{config.beton} lacks the field(s) {missing}; write it with "
                              "declip_fast.data.write")
         if config.two_views and config.ffcv_fused_views:
-            image = [two_view_decoder(config.image_size, config.crop_scale), ToTensor()]
+            image = [two_view_decoder(config.image_size, config.crop_scale, seed=config.seed), ToTensor()]
             image += [ToDevice(device, non_blocking=True)] if device.type != "cpu" else []
         else:
             image = _image_pipeline(config, device)
@@ -174,7 +227,6 @@ class FFCVLoader:
         # FFCV yields a tuple in the order of its pipeline specs (file fields, then added outputs).
         self._slot = {name: i for i, name in enumerate(self._loader.pipeline_specs)}
         self._views = BatchViews(config, device, rank)
-        self._epoch = 0
 
     def __len__(self) -> int:
         return len(self._loader)
@@ -183,21 +235,27 @@ class FFCVLoader:
     def num_samples(self) -> int:
         return self._loader.reader.num_samples
 
-    def set_epoch(self, epoch: int) -> None:
-        self._epoch = epoch
-
     def __iter__(self):
-        epoch = self._epoch
+        epoch, start = self._begin_epoch()  # now, not at the first next()
+        return self._batches(epoch, start)
+
+    def _batches(self, epoch: int, start: int):
+        order, slot, views = self._loader.traversal_order, self._slot, self._views
         self._loader.next_epoch = epoch  # FFCV asks its order for loader.next_epoch
-        self._views.start_epoch(epoch)
-        self._epoch += 1
-        slot = self._slot
-        for out in self._loader:
+        order.skip = start * self.config.batch_size
+        try:
+            batches = iter(self._loader)  # takes the order and starts FFCV's thread
+        finally:
+            order.skip = 0
+        for b, out in enumerate(batches, start):
+            views.start_batch(epoch, b)
             text_2 = None
             if self.config.eda:
-                text_2 = pick_eda_variant(out[slot["eda_tokens"]], self._views.text_gen)
+                text_2 = pick_eda_variant(out[slot["eda_tokens"]], views.text_gen)
             images_1, images_2 = self._images(out)
-            yield self._views(images_1, images_2, out[slot["tokens"]], text_2, out[slot["index"]])
+            batch = views(images_1, images_2, out[slot["tokens"]], text_2, out[slot["index"]])
+            self._advance(epoch, b + 1)
+            yield batch
 
     def _images(self, out) -> tuple:
         """(view 1, view 2 or None) as [B, 3, S, S] (channels-last memory) views of FFCV's buffers."""

@@ -24,11 +24,23 @@ text_2         int64 [B, 77]          only with ``eda``: the token ids of one ED
 index          int64 [B]              the sample's row in the dataset (``.beton`` row / source row).
 =============  =====================  =========================================================
 
-Randomness: sample order, masking and EDA choices and the colour augmentations are seeded from
-(``seed``, epoch, rank); call ``loader.set_epoch(epoch)`` before each epoch (or just iterate: the
-epoch counts up by itself). Crops and flips are seeded in the fallback; FFCV 1.0.2's crop and flip
-draw from numba's unseeded generator. Text randomness is drawn on the CPU, so it does not depend
-on the device.
+Randomness and resuming: every draw is seeded, so two loaders with the same config give the same
+batches, and batch k of an epoch does not depend on the batches before it. The sample order comes
+from (``seed``, epoch); masking, the EDA pick and the colour augmentations from (``seed``, epoch,
+rank, batch index) (:func:`batch_seed`); the fallback's crops, flips and EDA from (``seed``,
+epoch, sample); FFCV's fused decoder seeds each sample's crops and flips from (``seed``, the
+batch's sample ids, the sample's place in the batch) (:func:`declip_fast.data.ffcv_loader.two_view_decoder`).
+FFCV with ``ffcv_fused_views=False`` is the exception: its crops and flips are FFCV's own, drawn
+from numba's unseeded generator. Text randomness is drawn on the CPU, so it does not depend on
+the device. Batches are bit-identical on the CPU (tested); the colour augmentations are drawn
+and applied on the device, so on a GPU expect the same draws but not a bit-identity promise.
+
+Epochs: iterating a loader runs its next epoch (0, 1, ... by itself); ``set_epoch(epoch,
+start_batch=0)`` picks the epoch the next iteration runs and the batch it starts at: a run killed
+after k batches of epoch e resumes with ``set_epoch(e, k)`` and gets batches k, k+1, ... exactly
+as the uninterrupted run did, without loading the first k. ``loader.position`` is
+``{"epoch": e, "batch": b}``, the next batch to load (after an epoch's last batch, ``{"epoch":
+e + 1, "batch": 0}``); ``state_dict()`` / ``load_state_dict()`` save and restore it.
 
 Backends: ``"ffcv"`` reads a ``.beton`` written by ``declip_fast.data.write`` (fields ``image``,
 ``tokens``, ``eda_tokens``, ``index``); ``"torch"`` reads the raw pairs (a CSV of
@@ -135,6 +147,13 @@ def epoch_seed(seed: int, epoch: int, rank: int, stream: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, rank, stream]).generate_state(2, np.uint64)[0] >> 1)
 
 
+def batch_seed(seed: int, epoch: int, rank: int, stream: int, batch: int) -> int:
+    """A well-mixed 63-bit seed per (seed, epoch, rank, stream, batch index): batch k's draws do
+    not depend on the batches before it, so a resumed epoch draws what the full one drew."""
+    state = np.random.SeedSequence([seed, epoch, rank, stream, batch]).generate_state(2, np.uint64)
+    return int(state[0] >> 1)
+
+
 def shard_order(num_samples: int, seed: int, epoch: int, rank: int, world: int, drop_last: bool) -> list[int]:
     """This rank's sample indices for an epoch, as ``DistributedSampler(shuffle=True)`` gives
     them (rank and world passed explicitly, so no process group is needed): one permutation
@@ -150,19 +169,22 @@ def shard_order(num_samples: int, seed: int, epoch: int, rank: int, world: int, 
 
 class BatchViews:
     """Turns what a backend decoded into the contract batch: text views on the CPU, then the
-    batched image augmentations on the device. Holds the per-epoch generators."""
+    batched image augmentations on the device. Holds the generators, reseeded per batch."""
 
     TEXT_STREAM, IMAGE_STREAM = 1, 2
 
     def __init__(self, config: DataConfig, device: torch.device, rank: int):
         self.config, self.device, self.rank = config, device, rank
-        self.start_epoch(0)
+        self.text_gen = torch.Generator()
+        self.image_gen = torch.Generator(device=device)
+        self.start_batch(0, 0)
 
-    def start_epoch(self, epoch: int) -> None:
-        seed = self.config.seed
-        self.text_gen = torch.Generator().manual_seed(epoch_seed(seed, epoch, self.rank, self.TEXT_STREAM))
-        self.image_gen = torch.Generator(device=self.device)
-        self.image_gen.manual_seed(epoch_seed(seed, epoch, self.rank, self.IMAGE_STREAM))
+    def start_batch(self, epoch: int, batch: int) -> None:
+        """Seed the generators for batch ``batch`` of ``epoch``; call it before each batch (the
+        FFCV loader draws its EDA pick from ``text_gen`` before calling this object)."""
+        seed, rank = self.config.seed, self.rank
+        self.text_gen.manual_seed(batch_seed(seed, epoch, rank, self.TEXT_STREAM, batch))
+        self.image_gen.manual_seed(batch_seed(seed, epoch, rank, self.IMAGE_STREAM, batch))
 
     def __call__(self, images_1: torch.Tensor, images_2: torch.Tensor | None, tokens: torch.Tensor,
                  text_2: torch.Tensor | None, index: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -183,6 +205,48 @@ class BatchViews:
             batch["text_2"] = text_2.to(device=dev, dtype=torch.int64, copy=True, non_blocking=True)
         batch["index"] = index.reshape(-1).to(device=dev, dtype=torch.int64, copy=True, non_blocking=True)
         return batch
+
+
+class ResumableEpochs:
+    """Epoch bookkeeping shared by both loaders: ``set_epoch`` and ``position`` (module
+    docstring). A loader calls :meth:`_begin_epoch` when iteration starts and :meth:`_advance`
+    as each batch is handed out; it needs ``__len__`` (batches per epoch)."""
+
+    _epoch, _start_batch = 0, 0
+    _position = {"epoch": 0, "batch": 0}
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """The next iteration runs epoch ``epoch`` from batch ``start_batch`` (only that one
+        iteration starts late; the one after is epoch + 1 from batch 0)."""
+        if epoch < 0 or not 0 <= start_batch <= len(self):
+            raise ValueError(f"need epoch >= 0 and 0 <= start_batch <= {len(self)} (batches per "
+                             f"epoch), got epoch {epoch}, start_batch {start_batch}")
+        self._epoch, self._start_batch = int(epoch), int(start_batch)
+        self._advance(self._epoch, self._start_batch)
+
+    @property
+    def position(self) -> dict[str, int]:
+        """``{"epoch": e, "batch": b}``: the batch the consumer gets next (the checkpoint key)."""
+        return dict(self._position)
+
+    def state_dict(self) -> dict[str, int]:
+        return self.position
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.set_epoch(state["epoch"], state["batch"])
+
+    def _begin_epoch(self) -> tuple[int, int]:
+        """(epoch, first batch) for the iteration starting now; the next one is the next epoch."""
+        epoch, start = self._epoch, self._start_batch
+        self._epoch, self._start_batch = epoch + 1, 0
+        self._advance(epoch, start)
+        return epoch, start
+
+    def _advance(self, epoch: int, next_batch: int) -> None:
+        """Record that ``next_batch`` of ``epoch`` comes next; past the last, epoch + 1 does."""
+        if next_batch >= len(self):
+            epoch, next_batch = epoch + 1, 0
+        self._position = {"epoch": epoch, "batch": next_batch}
 
 
 def ffcv_import_error() -> str | None:
@@ -224,7 +288,8 @@ def choose_backend(config: DataConfig) -> str:
 def build_loader(config: DataConfig, device: torch.device | str = "cpu"):
     """The loader for ``config``: iterate it for contract batches (module docstring) on ``device``.
 
-    It has ``len()`` (batches per epoch on this rank), ``set_epoch(epoch)`` and ``backend``.
+    It has ``len()`` (batches per epoch on this rank), ``set_epoch(epoch, start_batch=0)``,
+    ``position``, ``state_dict()`` / ``load_state_dict()`` and ``backend``.
     """
     device = torch.device(device)
     backend = choose_backend(config)

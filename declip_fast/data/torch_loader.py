@@ -12,7 +12,10 @@ In the main process the batch then goes through the same ``BatchViews`` as FFCV'
 the batched colour augmentations on the device.
 
 Order and sharding: ``DistributedSampler(shuffle=True)`` with the config's (or the process
-group's) rank and world size, also for one process; FFCV's loader uses the same order.
+group's) rank and world size, also for one process; FFCV's loader uses the same order. Resuming
+at batch k (``set_epoch(epoch, k)``) drops the first k batches' samples in the sampler, so they
+are never loaded; batches are counted as the sampler deals them, a batch that lost all its
+samples included.
 
 Bad samples (unreadable, corrupt or empty image; missing or empty caption) are dropped by the
 collate function and counted in ``loader.skipped`` (and logged, the first few with their source),
@@ -22,6 +25,7 @@ so such a batch is smaller; a batch with nothing valid is not yielded at all.
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import math
 import random
@@ -32,7 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from declip_fast.data.loader import BatchViews, DataConfig, epoch_seed
+from declip_fast.data.loader import BatchViews, DataConfig, ResumableEpochs, epoch_seed
 
 log = logging.getLogger(__name__)
 CROP_STREAM, EDA_STREAM = 3, 4
@@ -177,18 +181,19 @@ def collate_valid(items: list) -> dict:
 
 
 class _EpochKeys(Sampler):
-    """Wraps a sampler; yields ``(epoch, index)`` so workers (persistent or not) see the epoch."""
+    """Wraps a sampler; yields ``(epoch, index)`` so workers (persistent or not) see the epoch,
+    from the ``skip``-th index on (the DataLoader iterates it lazily, so it keeps both)."""
 
     def __init__(self, sampler: DistributedSampler):
-        self.sampler, self.epoch = sampler, 0
+        self.sampler, self.epoch, self.skip = sampler, 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
         self.sampler.set_epoch(epoch)
 
     def __iter__(self):
         epoch = self.epoch
-        return ((epoch, i) for i in self.sampler)
+        return ((epoch, i) for i in itertools.islice(self.sampler, self.skip, None))
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -206,7 +211,7 @@ def pairs_from_source(source: str) -> list:
     return pairs
 
 
-class TorchLoader:
+class TorchLoader(ResumableEpochs):
     """Iterate for contract batches (see :mod:`declip_fast.data.loader`)."""
 
     backend = "torch"
@@ -232,7 +237,6 @@ class TorchLoader:
             collate_fn=collate_valid, drop_last=config.drop_last, pin_memory=device.type == "cuda",
             persistent_workers=workers > 0)
         self._views = BatchViews(config, device, rank)
-        self._epoch = 0
         self.skipped = 0
 
     def _warm_up(self) -> None:
@@ -252,9 +256,6 @@ class TorchLoader:
     def num_samples(self) -> int:
         return len(self.dataset)
 
-    def set_epoch(self, epoch: int) -> None:
-        self._epoch = epoch
-
     def _note_skips(self, skips: list) -> None:
         for source, reason in skips:
             if self.skipped < LOGGED_SKIPS:
@@ -262,15 +263,20 @@ class TorchLoader:
             self.skipped += 1
 
     def __iter__(self):
-        epoch = self._epoch
-        self._sampler.set_epoch(epoch)
-        self._views.start_epoch(epoch)
-        self._epoch += 1
-        dev = self.device
-        for batch in self._loader:
+        epoch, start = self._begin_epoch()  # now, not at the first next()
+        return self._batches(epoch, start)
+
+    def _batches(self, epoch: int, start: int):
+        self._sampler.set_epoch(epoch, start * self.config.batch_size)
+        dev, views = self.device, self._views
+        for b, batch in enumerate(self._loader, start):
             self._note_skips(batch.pop("skips"))
-            if "index" not in batch:
-                continue  # every sample of this batch was bad
+            if "index" not in batch:  # every sample of this batch was bad
+                self._advance(epoch, b + 1)
+                continue
+            views.start_batch(epoch, b)
             move = lambda key: batch[key].to(dev, non_blocking=True) if key in batch else None
-            yield self._views(move("images_1"), move("images_2"), batch["tokens"], batch.get("text_2"),
-                              batch["index"])
+            out = views(move("images_1"), move("images_2"), batch["tokens"], batch.get("text_2"),
+                        batch["index"])
+            self._advance(epoch, b + 1)
+            yield out
