@@ -132,11 +132,8 @@ def _not_implemented(args, parser) -> int:
 
 
 def _add_eval(sub) -> None:
-    try:
-        from declip_fast.eval.cli import add_parser
-    except ImportError:  # the eval package is being written
-        sub.add_parser("eval", help="evaluation (not available)").set_defaults(func=_not_implemented)
-        return
+    from declip_fast.eval.cli import add_parser  # argparse only: the heavy imports wait for run()
+
     add_parser(sub)
 
 

@@ -75,7 +75,7 @@ def _cell(value):
     if value is None:
         return ""
     if isinstance(value, float):
-        return f"{value:.6g}"
+        return repr(value)  # full precision: a resumed run's rows can be compared exactly
     return value
 
 
