@@ -253,8 +253,8 @@ class Trainer:
                 continue
             if self.step_count % cfg.checkpoint_every == 0 or self.step_count == cfg.steps:
                 self.save()
-            if self._stop_signal is not None:
-                if self.step_count % cfg.checkpoint_every:
+            if self._stop_requested():
+                if self.step_count % cfg.checkpoint_every and self.step_count != cfg.steps:
                     self.save()
                 status = "preempted"
                 break
@@ -266,6 +266,16 @@ class Trainer:
             summary["zeroshot"] = self.evaluate()
             self._finish_report(summary)
         return summary
+
+    def _stop_requested(self) -> bool:
+        """SIGTERM reached this rank; with several ranks, any rank (the signal may land on them
+        in different steps, and the save is collective): one tiny all-reduce per step."""
+        flag = self._stop_signal is not None
+        if self.world == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
 
     def _progress(self):
         if self.rank != 0 or not self.config.progress:

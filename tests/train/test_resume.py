@@ -61,3 +61,17 @@ def test_sigkill_then_resume_reproduces_the_trajectory(tmp_path, demo_dir):
         for key in TERMS:
             assert got[key] == want[key], (f"step {want['step']} {key}: resumed {got[key]} "
                                             f"vs uninterrupted {want[key]} (killed after {kill_after})")
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly(tmp_path, demo_dir):
+    run = tmp_path / "preempted"
+    proc = subprocess.Popen(_command(run, demo_dir), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.time() + 600
+    while len(_rows(run)) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and out.startswith("preempted"), out
+    steps = len(_rows(run))
+    assert steps < STEPS and (run / "checkpoints" / f"step_{steps:08d}" / "COMPLETE").is_file()
