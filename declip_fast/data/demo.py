@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from declip_fast.atomic import atomic_write
+
 from .sources import Pair
 from .write import WriteConfig, write_pairs
 
@@ -132,15 +134,6 @@ def subset(split: str, size: int, seed: int = 0, folder=None) -> tuple[np.ndarra
     return images[keep], labels[keep], captions(labels[keep], rng)
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 @contextlib.contextmanager
 def _folder_lock(folder: Path):
     try:
@@ -179,11 +172,11 @@ def ensure_demo_data(out_dir: str | os.PathLike, train_size: int = 10_000, test_
             summary = paths.summaries[split] = write_pairs(pairs, getattr(paths, split), config)
             if summary.written != size:  # labels are row-aligned: every image must be written
                 raise RuntimeError(f"demo {split}: wrote {summary.written} of {size} ({summary.by_reason()})")
-            _atomic_write(getattr(paths, f"{split}_labels"), lambda p: _save_npy(p, labels))
+            atomic_write(getattr(paths, f"{split}_labels"), lambda p: _save_npy(p, labels))
         manifest = {"classes": list(CLASSES), "templates": list(ZEROSHOT_TEMPLATES),
                     "prompts": {c: [with_articles(t.format(c)) for t in ZEROSHOT_TEMPLATES] for c in CLASSES},
                     "caption_templates": list(CAPTION_TEMPLATES), "build": build}
-        _atomic_write(paths.classes, lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n"))
+        atomic_write(paths.classes, lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n"))
     return paths
 
 

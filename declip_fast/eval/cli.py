@@ -17,7 +17,6 @@ The model comes from :func:`load_model`. Registered by ``declip_fast.cli`` throu
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from pathlib import Path
 
@@ -85,11 +84,8 @@ def _load_from_run(path: Path, preset: str | None, build):
     if config_file is None and preset is None:
         raise ValueError(f"{path} is not a run folder (no config.yaml in it or in its run folder); "
                          "name the model with --preset")
-    try:
-        load_weights = getattr(importlib.import_module("declip_fast.train.checkpoint"), "load_model_for_eval")
-    except (ImportError, AttributeError) as err:
-        raise RuntimeError(f"cannot load the run folder {path}: this install has no "
-                           "declip_fast.train.checkpoint.load_model_for_eval") from err
+    from declip_fast.train.checkpoint import load_model_for_eval
+
     if preset is not None:
         model = build(preset)
     else:
@@ -97,7 +93,7 @@ def _load_from_run(path: Path, preset: str | None, build):
 
         config = load_config(config_file)
         model = build(config.model.preset, **config.model.overrides)
-    load_weights(path, model)
+    load_model_for_eval(path, model)
     return model
 
 

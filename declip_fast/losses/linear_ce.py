@@ -96,6 +96,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (*out, None, None, None, None)
 
 
+def _check_range(targets: torch.Tensor, v: int, ignore_index: int) -> None:
+    in_range = ((targets >= 0) & (targets < v)).all()
+    message = f"targets must lie in [0, {v}) or equal ignore_index={ignore_index}"
+    if targets.device.type == "cpu":
+        if not bool(in_range):
+            raise ValueError(message)
+    else:  # no host sync: fails at the next synchronisation, with the message
+        torch._assert_async(in_range, message)
+
+
 def _forward(x, weight, bias, targets, ignore_index, mean, tile, need):
     k, v = x.shape[0], weight.shape[0]
     acc = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
@@ -105,18 +115,12 @@ def _forward(x, weight, bias, targets, ignore_index, mean, tile, need):
     if mean:
         row_scale = row_scale / valid.sum().clamp(min=1)
     safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
-    in_range = ((safe_targets >= 0) & (safe_targets < v)).all()
-    message = f"targets must lie in [0, {v}) or equal ignore_index={ignore_index}"
-    if x.device.type == "cpu":
-        if not bool(in_range):
-            raise ValueError(message)
-    else:  # no host sync: fails at the next synchronisation, with the message
-        torch._assert_async(in_range, message)
+    _check_range(safe_targets, v, ignore_index)
     need_x, need_w, need_b = need[0], need[1], need[2] and bias is not None
     any_grad = need_x or need_w or need_b
     grad_x = torch.zeros(k, x.shape[1], device=x.device, dtype=acc) if need_x else None
-    grad_w = torch.empty(v, weight.shape[1], device=x.device, dtype=acc) if need_w else None
-    grad_b = torch.empty(v, device=x.device, dtype=acc) if need_b else None
+    grad_w = torch.zeros(v, weight.shape[1], device=x.device, dtype=acc) if need_w else None
+    grad_b = torch.zeros(v, device=x.device, dtype=acc) if need_b else None
     loss = torch.zeros((), device=x.device, dtype=acc)
     rows, cols = max(1, min(tile[0], k)), max(1, min(tile[1], v))
     buffer = torch.empty(rows, cols, device=x.device, dtype=acc)
@@ -170,21 +174,9 @@ def _forward(x, weight, bias, targets, ignore_index, mean, tile, need):
             g = grad if x.dtype == acc else grad.to(x.dtype)
             w = weight[j : j + c]
             if need_x:
-                if g.dtype == acc:
-                    grad_x[start : start + n].addmm_(g, w)
-                else:
-                    grad_x[start : start + n] += g @ w
+                grad_x[start : start + n] += g @ w
             if need_w:  # 16-bit products (as autograd's) accumulated in fp32
-                dw = grad_w[j : j + c]
-                if g.dtype != acc:
-                    dw.copy_(g.t() @ xb) if start == 0 else dw.add_(g.t() @ xb)
-                elif start == 0:
-                    torch.mm(g.t(), xb, out=dw)
-                else:
-                    dw.addmm_(g.t(), xb)
+                grad_w[j : j + c] += g.t() @ xb
             if need_b:
-                if start == 0:
-                    torch.sum(grad, dim=0, out=grad_b[j : j + c])
-                else:
-                    grad_b[j : j + c] += grad.sum(dim=0)
+                grad_b[j : j + c] += grad.sum(dim=0)
     return loss, (grad_x, grad_w, grad_b)

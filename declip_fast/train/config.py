@@ -27,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from declip_fast.atomic import atomic_write
 from declip_fast.data.loader import DataConfig
 from declip_fast.losses.declip import PRESETS as LOSS_PRESETS
 from declip_fast.losses.declip import DeCLIPLossConfig
@@ -87,10 +88,6 @@ class TrainConfig:
 
 # --------------------------------------------------------------------------- dict <-> dataclass
 
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
-
-
 def from_dict(cls, values: dict, prefix: str = ""):
     """Build dataclass ``cls`` from a (nested) dict; unknown keys fail with their dotted names."""
     if not isinstance(values, dict):
@@ -100,7 +97,7 @@ def from_dict(cls, values: dict, prefix: str = ""):
     if unknown:
         raise ValueError(f"unknown config key(s): {', '.join(prefix + k for k in unknown)} "
                          f"(known at this level: {', '.join(sorted(fields))})")
-    hints, kwargs = _hints(cls), {}
+    hints, kwargs = typing.get_type_hints(cls), {}
     for name, value in values.items():
         kind = _dataclass_in(hints[name])
         if kind is DeCLIPLossConfig and isinstance(value, str):
@@ -119,18 +116,16 @@ def _coerce(hint, value, key: str):
     """Numbers as the field's type wants them: YAML reads ``3e-4`` (no dot) as a string and
     ``1`` as an int where a float is meant."""
     args = set(typing.get_args(hint)) or {hint}
-    if value is None or isinstance(value, bool):
+    kind = float if float in args else int if int in args else None
+    if kind is None or value is None or isinstance(value, (bool, kind)):
         return value
-    for kind in (int, float):
-        if kind in args and not isinstance(value, kind) and (float not in args or kind is float):
-            try:
-                number = float(value)
-            except (TypeError, ValueError):
-                raise ValueError(f"{key}: expected a number, got {value!r}") from None
-            if kind is int and not number.is_integer():
-                raise ValueError(f"{key}: expected an integer, got {value!r}")
-            return kind(number)
-    return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key}: expected a number, got {value!r}") from None
+    if kind is int and not number.is_integer():
+        raise ValueError(f"{key}: expected an integer, got {value!r}")
+    return kind(number)
 
 
 def _dataclass_in(hint):
@@ -184,18 +179,14 @@ def apply_override(values: dict, text: str) -> None:
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
         child = node.get(part)
-        if child is None or isinstance(child, str) and part == "loss":
-            child = {} if child is None else _expand_loss(child)
-            node[part] = child
+        if child is None:
+            child = node[part] = {}
+        elif part == "loss" and isinstance(child, str):  # a preset name, refined key by key
+            child = node[part] = dataclasses.asdict(_loss_preset(child, "loss"))
         if not isinstance(child, dict):
             raise ValueError(f"override {text!r}: {'.'.join(parts[:i + 1])} is not a section")
         node = child
     node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
-
-
-def _expand_loss(name: str) -> dict:
-    """A loss preset name written as a section, so that ``loss.nns=0`` can refine it."""
-    return dataclasses.asdict(_loss_preset(name, "loss"))
 
 
 def load_config(name_or_path: str | os.PathLike, overrides: typing.Sequence[str] = ()) -> TrainConfig:
@@ -210,10 +201,8 @@ def load_config(name_or_path: str | os.PathLike, overrides: typing.Sequence[str]
 
 
 def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    os.replace(tmp, path)
+    text = yaml.safe_dump(to_dict(config), sort_keys=False)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 __all__ = ["EvalConfig", "ModelConfig", "TrainConfig", "apply_override", "from_dict",

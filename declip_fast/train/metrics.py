@@ -16,6 +16,8 @@ import math
 import os
 from pathlib import Path
 
+from declip_fast.atomic import atomic_write
+
 log = logging.getLogger(__name__)
 COLUMNS = ("step", "total", "lr", "logit_scale", "grad_norm", "images_per_s", "images_per_s_per_device",
            "mfu", "data_wait", "skipped_steps")
@@ -31,12 +33,13 @@ class MetricsLogger:
         if not enabled:
             return
         kept = _rows_up_to(self.path, resume_step, self.columns) if resume_step else []
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, self.columns)
-            w.writeheader()
-            w.writerows(kept)
-        os.replace(tmp, self.path)
+
+        def rewrite(tmp: Path) -> None:
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, self.columns)
+                w.writeheader()
+                w.writerows(kept)
+        atomic_write(self.path, rewrite)
         self._file = open(self.path, "a", newline="")
         self._csv = csv.DictWriter(self._file, self.columns, extrasaction="ignore")
         if tensorboard:

@@ -33,7 +33,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from tqdm import tqdm
+
+from declip_fast.data.demo import ensure_demo_data
+from declip_fast.data.loader import build_loader
+from declip_fast.distributed import batchnorm, fsdp
+from declip_fast.eval import zeroshot
+from declip_fast.losses.declip import DeCLIPLoss
+from declip_fast.models import presets
+from declip_fast.train.checkpoint import Checkpointer
 from declip_fast.train.config import TrainConfig, save_config
+from declip_fast.train.metrics import MetricsLogger, model_flops_per_sample, peak_flops, plot_run
+from declip_fast.train.optim import build_optimizer, build_scheduler, clamp_logit_scale
 
 log = logging.getLogger(__name__)
 
@@ -85,24 +96,17 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
         self._build_model()
         self._build_optimizer()
-        from declip_fast.train.checkpoint import Checkpointer
-
         self.checkpointer = Checkpointer(self.run_dir)
         resumed = self.checkpointer.resolve(cfg.resume)
         if resumed is not None:
             self._load(resumed)
         if cfg.data.beton is not None or cfg.data.source is not None or cfg.demo_data:
             self._build_loader()
-        from declip_fast.train.metrics import MetricsLogger
-
         self.metrics = MetricsLogger(self.run_dir, self.terms, enabled=self.rank == 0,
                                      tensorboard=cfg.tensorboard, resume_step=self.step_count)
         return self
 
     def _build_model(self) -> None:
-        from declip_fast.losses.declip import DeCLIPLoss
-        from declip_fast.models import presets
-
         cfg = self.config
         torch.manual_seed(cfg.seed)  # the same full initial model on every rank
         model = presets.build(cfg.model.preset, device=self.device, **cfg.model.overrides)
@@ -115,8 +119,6 @@ class Trainer:
             raise ValueError(f"the loss needs the MLM head, but model preset {cfg.model.preset!r} has none")
         self.terms = [t for t, w in self.loss_fn.weights.items() if w]
         if self.world > 1:
-            from declip_fast.distributed import batchnorm, fsdp
-
             batchnorm.convert(model)
             fsdp.parallelize(model, precision=cfg.precision, compile=cfg.model.compile,
                              checkpointing=cfg.model.grad_checkpointing)
@@ -130,19 +132,13 @@ class Trainer:
         self.autocast = cfg.precision == "bf16" and self.world == 1
 
     def _build_optimizer(self) -> None:
-        from declip_fast.train.optim import build_optimizer, build_scheduler
-
         self.optimizer = build_optimizer(self.model, self.config.optim)
         self.scheduler = build_scheduler(self.optimizer, self.config.optim, self.config.steps)
 
     def _build_loader(self) -> None:
-        from declip_fast.data.loader import build_loader
-
         cfg = self.config
         data = cfg.data
         if cfg.demo_data:
-            from declip_fast.data.demo import ensure_demo_data
-
             paths = ensure_demo_data(cfg.demo_data, progress=self.rank == 0 and cfg.progress)
             if data.beton is None and data.source is None:
                 data = dataclasses.replace(data, beton=str(paths.train))
@@ -182,8 +178,6 @@ class Trainer:
         ok = bool(finite)
         if ok:
             self.optimizer.step()
-            from declip_fast.train.optim import clamp_logit_scale
-
             clamp_logit_scale(self.model, self.config.optim)
             self.bad_in_a_row = 0
         else:
@@ -228,8 +222,6 @@ class Trainer:
         progress = self._progress()
         batches = self._batches()
         global_batch = cfg.data.batch_size * self.world
-        from declip_fast.train.metrics import model_flops_per_sample, peak_flops
-
         flops_per_sample = model_flops_per_sample(self.model, self.need)
         peak = peak_flops(self.device)
         status = "done"
@@ -280,8 +272,6 @@ class Trainer:
     def _progress(self):
         if self.rank != 0 or not self.config.progress:
             return None
-        from tqdm import tqdm
-
         return tqdm(total=self.config.steps, initial=self.step_count, desc="train", unit="step",
                     dynamic_ncols=True)
 
@@ -327,8 +317,6 @@ class Trainer:
         ev = self.config.eval
         if not ev.zeroshot or ev.data is None:
             return None
-        from declip_fast.eval import zeroshot
-
         size = self.model.config.vision.image_size
         if ev.data == "demo":
             if not self.config.demo_data:
@@ -344,8 +332,6 @@ class Trainer:
             (self.run_dir / "zeroshot.json").write_text(json.dumps(results, indent=2) + "\n")
             self.metrics.log_eval(self.step_count, results)
         if self.config.plot:
-            from declip_fast.train.metrics import plot_run
-
             plot_run(self.run_dir, self.terms, results)
 
     def close(self) -> None:
