@@ -37,7 +37,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from declip_fast.data.loader import BatchViews, DataConfig, ResumableEpochs, shard_order
+from declip_fast.data.loader import BatchViews, DataConfig, ResumableEpochs, shard_order, subset_indices
 
 FIELDS = ("image", "tokens", "eda_tokens", "index")  # declip_fast.data.write.FIELDS
 
@@ -203,7 +203,8 @@ class FFCVLoader(ResumableEpochs):
         from ffcv.transforms import ToDevice, ToTensor
 
         self.config, self.device, self.rank, self.world = config, device, rank, world
-        missing = [f for f in FIELDS if f not in Reader(config.beton).handlers]
+        reader = Reader(config.beton)
+        missing = [f for f in FIELDS if f not in reader.handlers]
         if missing:
             raise ValueError(f"{config.beton} lacks the field(s) {missing}; write it with "
                              "declip_fast.data.write")
@@ -222,6 +223,7 @@ class FFCVLoader(ResumableEpochs):
             pipelines["image_2"] = PipelineSpec("image", transforms=_image_pipeline(config, device))
         self._loader = Loader(
             config.beton, batch_size=config.batch_size, num_workers=max(1, config.workers()),
+            indices=subset_indices(reader.num_samples, config.fraction, config.fraction_seed),
             os_cache=config.os_cache, order=_sharded_order(config, rank, world),
             distributed=world > 1, seed=config.seed, pipelines=pipelines, drop_last=config.drop_last)
         # FFCV yields a tuple in the order of its pipeline specs (file fields, then added outputs).
@@ -233,7 +235,7 @@ class FFCVLoader(ResumableEpochs):
 
     @property
     def num_samples(self) -> int:
-        return self._loader.reader.num_samples
+        return len(self._loader.indices)
 
     def __iter__(self):
         epoch, start = self._begin_epoch()  # now, not at the first next()

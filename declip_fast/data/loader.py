@@ -85,6 +85,8 @@ class DataConfig:
     rank: int | None = None  # None: from torch.distributed when initialized, else 0
     world_size: int | None = None  # None: from torch.distributed when initialized, else 1
     seed: int = 0
+    fraction: float = 1.0  # train on this share of the samples (a subset fixed by fraction_seed)
+    fraction_seed: int = 0  # which subset: the same seed gives the same samples on every backend
     mlm: bool = True  # mask text view 1, add mlm_targets
     mlm_prob: float = 0.15
     eda: bool = True  # text view 2
@@ -102,6 +104,8 @@ class DataConfig:
                              f"{self.image_size}")
         if self.num_workers is not None and self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0 (0: load in this process), got {self.num_workers}")
+        if not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
         lo, hi = self.crop_scale
         if not 0.0 < lo <= hi <= 1.0:
             raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
@@ -152,6 +156,17 @@ def batch_seed(seed: int, epoch: int, rank: int, stream: int, batch: int) -> int
     not depend on the batches before it, so a resumed epoch draws what the full one drew."""
     state = np.random.SeedSequence([seed, epoch, rank, stream, batch]).generate_state(2, np.uint64)
     return int(state[0] >> 1)
+
+
+def subset_indices(num_samples: int, fraction: float, seed: int) -> np.ndarray:
+    """The sorted rows a loader reads when it trains on ``fraction`` of ``num_samples``: the
+    first ``round(fraction * num_samples)`` (at least 1) of a permutation seeded by ``seed``, so
+    a smaller fraction is a subset of a larger one under the same seed. All rows for 1.0."""
+    if fraction >= 1.0:
+        return np.arange(num_samples, dtype=np.int64)
+    keep = max(1, round(fraction * num_samples))
+    order = np.random.default_rng(np.random.SeedSequence([seed, 0x5EB5E7])).permutation(num_samples)
+    return np.sort(order[:keep]).astype(np.int64)
 
 
 def shard_order(num_samples: int, seed: int, epoch: int, rank: int, world: int, drop_last: bool) -> list[int]:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from declip_fast.data.loader import BatchViews, DataConfig, ResumableEpochs, epoch_seed
+from declip_fast.data.loader import BatchViews, DataConfig, ResumableEpochs, epoch_seed, subset_indices
 
 log = logging.getLogger(__name__)
 CROP_STREAM, EDA_STREAM = 3, 4
@@ -184,8 +184,8 @@ class _EpochKeys(Sampler):
     """Wraps a sampler; yields ``(epoch, index)`` so workers (persistent or not) see the epoch,
     from the ``skip``-th index on (the DataLoader iterates it lazily, so it keeps both)."""
 
-    def __init__(self, sampler: DistributedSampler):
-        self.sampler, self.epoch, self.skip = sampler, 0, 0
+    def __init__(self, sampler: DistributedSampler, rows):
+        self.sampler, self.rows, self.epoch, self.skip = sampler, rows, 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.epoch, self.skip = epoch, skip
@@ -193,7 +193,7 @@ class _EpochKeys(Sampler):
 
     def __iter__(self):
         epoch = self.epoch
-        return ((epoch, i) for i in itertools.islice(self.sampler, self.skip, None))
+        return ((epoch, int(self.rows[i])) for i in itertools.islice(self.sampler, self.skip, None))
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -228,9 +228,10 @@ class TorchLoader(ResumableEpochs):
         if len(self.dataset) == 0:
             raise ValueError(f"no pairs found in {config.source}")
         self._warm_up()
-        sampler = DistributedSampler(range(len(self.dataset)), num_replicas=world, rank=rank, shuffle=True,
+        self.rows = subset_indices(len(self.dataset), config.fraction, config.fraction_seed)
+        sampler = DistributedSampler(range(len(self.rows)), num_replicas=world, rank=rank, shuffle=True,
                                      seed=config.seed, drop_last=config.drop_last)
-        self._sampler = _EpochKeys(sampler)
+        self._sampler = _EpochKeys(sampler, self.rows)
         workers = config.workers()
         self._loader = DataLoader(
             self.dataset, batch_size=config.batch_size, sampler=self._sampler, num_workers=workers,
@@ -254,7 +255,7 @@ class TorchLoader(ResumableEpochs):
 
     @property
     def num_samples(self) -> int:
-        return len(self.dataset)
+        return len(self.rows)
 
     def _note_skips(self, skips: list) -> None:
         for source, reason in skips:

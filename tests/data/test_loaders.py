@@ -318,6 +318,31 @@ def test_two_ranks_cover_every_sample_once(data, backend):
         assert sorted(shards[0] + shards[1]) == list(range(N))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fraction_reads_one_fixed_subset(data, backend):
+    # 0.5 of the rows: the subset subset_indices names, every epoch (in another order), shared by
+    # the two ranks without overlap, and the same on both backends (same fraction_seed).
+    want = L.subset_indices(N, 0.5, 7)
+    assert len(want) == N // 2 and len(set(want.tolist())) == N // 2
+    assert set(L.subset_indices(N, 0.25, 7)) < set(want)  # nested under one seed
+    assert set(L.subset_indices(N, 0.5, 8)) != set(want)
+    orders = []
+    for epoch in range(2):
+        shards = []
+        for rank in range(2):
+            cfg = _config(data, backend, rank=rank, world_size=2, fraction=0.5, fraction_seed=7, drop_last=False)
+            loader = L.build_loader(cfg, "cpu")
+            assert loader.num_samples == N // 2
+            loader.set_epoch(epoch)
+            shards.append(_cat(list(loader), "index").tolist())
+        assert not set(shards[0]) & set(shards[1])
+        assert sorted(shards[0] + shards[1]) == want.tolist()
+        orders.append(shards[0])
+    assert orders[0] != orders[1]
+    with pytest.raises(ValueError, match="fraction"):
+        L.DataConfig(source=data["csv"], fraction=0.0)
+
+
 def _rank_worker(rank, port, out_dir, beton):
     import torch.distributed as dist
     from ffcv.pipeline.compiler import Compiler
