@@ -14,9 +14,12 @@ test: setup
 demo: setup
 	.venv/bin/declip-fast train demo
 
+# Every benchmark that applies to this machine (the CUDA suites skip themselves on a CPU):
+# benchmarks/results/<date>-<device>.json with the machine's description, its .md and plots,
+# and the table of ratios against the peers printed at the end (benchmarks/run.py).
+# BENCH_ARGS narrows it, e.g. `make bench BENCH_ARGS="benchmarks/bench_text_views.py -k masking"`.
 bench: setup
-	$(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-columns=median,rounds \
-		--benchmark-json=benchmarks/results/$$(date +%F)-cpu.json
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache .benchmarks

@@ -5,11 +5,15 @@ Forward + backward, fp32, D = 512, one process. For each N: the median time over
 (benchmarks/peak_memory.py), both stored in ``extra_info``. After the last case a table prints
 the ratios ours / OpenCLIP and our rate in GFLOP/s (8 N^2 D, the fused algorithm's FLOPs) as a
 fraction of this machine's fp32 matrix-product rate, measured in the same run.
+
+``BENCH_CLIP_LOSS_N`` (comma-separated sizes) replaces the sizes for a quick run: the test of the
+benchmark plumbing (tests/bench) runs N = 256 to make a real results file in seconds.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,9 +26,9 @@ from benchmarks.peak_memory import loss_module, make_inputs
 
 REPO = Path(__file__).resolve().parent.parent
 D = 512
-SIZES = [4096, 16384]
+SIZES = [int(n) for n in os.environ.get("BENCH_CLIP_LOSS_N", "4096,16384").split(",")]
 IMPLS = ["ours", "open_clip"]
-ROUNDS = {4096: 5, 16384: 2}
+ROUNDS = {4096: 5, 16384: 2}  # other sizes: 3
 _measured: dict[tuple[str, int], dict] = {}
 
 
@@ -52,7 +56,7 @@ def test_clip_loss_forward_backward(benchmark, report, matmul_peak, impl, n):
     def step(img, txt, scale):
         loss_fn(img, txt, scale).backward()
 
-    benchmark.pedantic(step, setup=setup, rounds=ROUNDS[n], warmup_rounds=0)
+    benchmark.pedantic(step, setup=setup, rounds=ROUNDS.get(n, 3), warmup_rounds=0)
     median = benchmark.stats.stats.median
     extra = _peak_extra_bytes(impl, n)
     benchmark.extra_info.update(median_s=median, peak_extra_bytes=extra, n=n, d=D, dtype="float32")

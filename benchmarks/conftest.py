@@ -1,10 +1,17 @@
-"""Shared benchmark plumbing: measured results are collected here and printed as ratio tables."""
+"""Shared benchmark plumbing: measured results are collected here and printed as ratio tables.
+
+With ``--benchmark-json`` the tables also go into the results file (key ``tables``), next to the
+machine's description (``machine_info``, see benchmarks/machine.py), so that benchmarks/report.py
+can rebuild every table from the file alone.
+"""
 
 from __future__ import annotations
 
 import collections
 
 import pytest
+
+from benchmarks.machine import metadata
 
 # table name -> list of row dicts, filled by the benchmark modules.
 TABLES: dict[str, list[dict]] = collections.defaultdict(list)
@@ -34,3 +41,11 @@ def pytest_terminal_summary(terminalreporter):
             terminalreporter.write_sep("=", name)
             for text in _format(rows):
                 terminalreporter.write_line(text)
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info.update(metadata())
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    output_json["tables"] = {name: rows for name, rows in TABLES.items() if rows}

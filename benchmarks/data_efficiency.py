@@ -3,6 +3,7 @@ demo's training pairs, same steps, same seeds, zero-shot top-1 on the demo's tes
 
     .venv/bin/python benchmarks/data_efficiency.py                  # the full grid, ~1 h on 2 cores
     .venv/bin/python benchmarks/data_efficiency.py --steps 3 --seeds 0 --fractions 0.05 1.0  # smoke
+    .venv/bin/python benchmarks/data_efficiency.py --set data.batch_size=64 optim.lr=5e-4    # any key
 
 Every run is the ``demo`` preset (``configs/demo.yaml``) with overrides: ``model.preset``
 ``declip_tiny`` + the released objective, or ``clip_tiny`` + ``loss=clip``; ``data.fraction`` with
@@ -38,7 +39,8 @@ METHODS = {  # name: overrides of the demo preset
 }
 
 
-def run_one(method: str, fraction: float, seed: int, steps: int, work: Path, demo_data: str) -> dict:
+def run_one(method: str, fraction: float, seed: int, steps: int, work: Path, demo_data: str,
+            extra: list[str] = ()) -> dict:
     """Train (or read back) one run; returns its record."""
     from declip_fast.train.config import load_config
     from declip_fast.train.trainer import train
@@ -50,7 +52,7 @@ def run_one(method: str, fraction: float, seed: int, steps: int, work: Path, dem
         overrides = METHODS[method] + [
             f"run_dir={run_dir}", f"steps={steps}", f"seed={seed}", f"data.fraction={fraction}",
             f"data.fraction_seed={seed}", f"demo_data={demo_data}", f"checkpoint_every={max(1, steps // 2)}",
-            "progress=false", "tensorboard=false", "plot=false"]
+            "progress=false", "tensorboard=false", "plot=false", *extra]
         start = time.perf_counter()
         summary = train(load_config("demo", overrides))
         record["train_s"] = time.perf_counter() - start
@@ -144,6 +146,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--demo-data", default=str(ROOT / "data" / "demo"))
     parser.add_argument("--name", default=None, help="output stem (default data_efficiency-<date>-cpu)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="more overrides of the demo preset for every run, e.g. data.batch_size=64")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     import numpy as np
@@ -151,13 +155,13 @@ def main(argv=None) -> dict:
     from declip_fast.data import demo
     from declip_fast.train.config import load_config
 
-    demo.ensure_demo_data(args.demo_data)
-    base = load_config("demo")
+    demo.ensure_demo_data(args.demo_data, any_build=True)
+    base = load_config("demo", args.set)
     records = []
     for seed in args.seeds:  # seeds outermost: a partial grid still compares the methods
         for fraction in args.fractions:
             for method in args.methods:
-                record = run_one(method, fraction, seed, args.steps, args.work, args.demo_data)
+                record = run_one(method, fraction, seed, args.steps, args.work, args.demo_data, args.set)
                 print(f"{method:7s} fraction {fraction:<5g} seed {seed}: top-1 {100 * record['top1']:.1f}% "
                       f"top-5 {100 * record['top5']:.1f}%", flush=True)
                 records.append(record)

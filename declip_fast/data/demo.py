@@ -151,8 +151,11 @@ def _folder_lock(folder: Path):
 
 def ensure_demo_data(out_dir: str | os.PathLike, train_size: int = 10_000, test_size: int = 2_000,
                      image_size: int = 64, seed: int = 0, workers: int = 0, progress: bool = False,
-                     rebuild: bool = False, source_dir: str | os.PathLike | None = None) -> DemoData:
-    """The demo files in ``out_dir``, built first when missing or built with other parameters."""
+                     rebuild: bool = False, source_dir: str | os.PathLike | None = None,
+                     any_build: bool = False) -> DemoData:
+    """The demo files in ``out_dir``, built first when missing or built with other parameters
+    (``any_build``: a complete folder is used whatever it was built with, e.g. a small one a
+    test made; only a missing or incomplete one is built, with these parameters)."""
     out = Path(out_dir)
     paths = DemoData(out / "train.beton", out / "test.beton", out / "classes.json",
                      out / "train_labels.npy", out / "test_labels.npy")
@@ -160,7 +163,7 @@ def ensure_demo_data(out_dir: str | os.PathLike, train_size: int = 10_000, test_
              "image_size": image_size, "seed": seed}
     out.mkdir(parents=True, exist_ok=True)
     with _folder_lock(out):
-        if not rebuild and _is_complete(paths, build):
+        if not rebuild and _is_complete(paths, None if any_build else build):
             return paths
         paths.classes.unlink(missing_ok=True)  # the folder is incomplete until it is rewritten
         config = WriteConfig(max_side=image_size, upscale=True, seed=seed, workers=workers,
@@ -185,10 +188,12 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(f, array)
 
 
-def _is_complete(paths: DemoData, build: dict) -> bool:
+def _is_complete(paths: DemoData, build: dict | None) -> bool:
+    """All files present, written by ``build`` (any complete build for None)."""
     if not all(Path(p).is_file() for p in dataclasses.astuple(paths)[:5]):
         return False
     try:
-        return json.loads(paths.classes.read_text()).get("build") == build
+        written = json.loads(paths.classes.read_text()).get("build")
+        return written == build or (build is None and written is not None)
     except (OSError, ValueError):
         return False

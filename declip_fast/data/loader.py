@@ -319,6 +319,10 @@ def build_loader(config: DataConfig, device: torch.device | str = "cpu"):
 
         loader = TorchLoader(config, device, rank, world)
         what = config.source
+    if len(loader) == 0:
+        raise ValueError(f"{what}: {loader.num_samples} samples (fraction {config.fraction}) over {world} "
+                         f"rank(s) make no batch of {config.batch_size} (drop_last={config.drop_last}); "
+                         "lower data.batch_size or raise data.fraction")
     log.info("data loader: %s backend reading %s (rank %d of %d, %d workers, batch %d, device %s)",
              backend, what, rank, world, config.workers(), config.batch_size, device)
     return loader

@@ -139,7 +139,7 @@ class Trainer:
         cfg = self.config
         data = cfg.data
         if cfg.demo_data:
-            paths = ensure_demo_data(cfg.demo_data, progress=self.rank == 0 and cfg.progress)
+            paths = ensure_demo_data(cfg.demo_data, progress=self.rank == 0 and cfg.progress, any_build=True)
             if data.beton is None and data.source is None:
                 data = dataclasses.replace(data, beton=str(paths.train))
         # What the loss does not use is not produced: no masked captions for CLIP alone.

@@ -341,6 +341,8 @@ def test_fraction_reads_one_fixed_subset(data, backend):
     assert orders[0] != orders[1]
     with pytest.raises(ValueError, match="fraction"):
         L.DataConfig(source=data["csv"], fraction=0.0)
+    with pytest.raises(ValueError, match="make no batch of 8"):  # 3 samples, drop_last
+        L.build_loader(_config(data, backend, fraction=3 / N), "cpu")
 
 
 def _rank_worker(rank, port, out_dir, beton):
