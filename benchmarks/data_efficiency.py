@@ -119,8 +119,8 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xticks([100 * f for f in meta["fractions"]], [f"{100 * f:g}%" for f in meta["fractions"]])
     ax.set_xlabel("fraction of the demo training pairs")
     ax.set_ylabel("zero-shot top-1 (%)")
-    ax.set_title(f"Tiny presets, {meta['steps']} steps, {len(meta['seeds'])} seeds ({meta['device']}, {meta['date']})",
-                 fontsize=9)
+    ax.set_title(f"Tiny presets, {meta['steps']} steps, mean of {len(meta['seeds'])} seeds (band: lowest..highest)\n"
+                 f"{meta['device']}, {meta['date']}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -261,11 +261,19 @@ def _plot(points: list[tuple], xlabel: str, what: str, where: str, path: Path) -
     fig = Figure(figsize=(12, 4.8), layout="constrained")
     ax_time, ax_mem = fig.subplots(1, 2)
     memory = []
+    # Colour says the implementation, marker and line style the case ("impl (case)" labels), so
+    # a dozen series stay tellable apart.
+    impls = list(dict.fromkeys(label.split(" (")[0] for label in series))
+    cases = list(dict.fromkeys(label.partition(" (")[2] for label in series))
     for label, pts in series.items():
-        ax_time.plot([p[0] for p in pts], [p[1] * 1e3 for p in pts], marker="o", label=label)
+        impl, _, case = label.partition(" (")
+        k = cases.index(case)
+        style = dict(color=f"C{impls.index(impl) % 10}", marker="os^Dvp*"[k % 7], linestyle=["-", "--", ":", "-."][k % 4],
+                     label=label)
+        ax_time.plot([p[0] for p in pts], [p[1] * 1e3 for p in pts], **style)
         mem = [(p[0], p[2] / 2**20) for p in pts if p[2] is not None]
         memory += [m for _, m in mem]
-        ax_mem.plot([m[0] for m in mem], [m[1] for m in mem], marker="o", label=label)
+        ax_mem.plot([m[0] for m in mem], [m[1] for m in mem], **style)
     ax_time.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="median time (ms)", title="time (lower is faster)")
     ax_mem.set(xscale="log", xlabel=xlabel, ylabel="peak extra memory (MiB)", title="memory (lower is leaner)")
     if memory and min(memory) > 0:
