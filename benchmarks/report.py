@@ -126,7 +126,7 @@ def _loader_rows(entries: list[dict]) -> list[dict]:
     return rows
 
 
-def _objective_rows(entries: list[dict]) -> list[dict]:
+def _objective_rows(entries: list[dict], what: str = "training step, tiny presets") -> list[dict]:
     """The DeCLIP training step against the CLIP-only step, per caption set."""
     steps = {(e["params"].get("captions"), e["params"].get("objective")): e for e in entries if "params" in e}
     rows = []
@@ -134,11 +134,17 @@ def _objective_rows(entries: list[dict]) -> list[dict]:
         clip, declip = steps.get((captions, "clip")), steps.get((captions, "released"))
         if clip and declip:
             interleaved = declip["extra_info"].get("interleaved_ratio")
-            rows.append(dict(benchmark="training step, tiny presets", case=f"{captions} captions",
+            rows.append(dict(benchmark=what, case=f"{captions} captions",
                              ours="DeCLIP objective", peer="CLIP-only step", ours_value=_ms(_seconds(declip)),
                              peer_value=_ms(_seconds(clip)), time=_seconds(declip) / _seconds(clip), memory=None,
                              note=f"interleaved pairs: {interleaved:.2f}x" if interleaved else ""))
     return rows
+
+
+def _train_step_rows(entries: list[dict]) -> list[dict]:
+    """bench_train_step: the full step with the optimizer (ViT-B/32 presets on a GPU, tiny on a CPU)."""
+    info = entries[0].get("extra_info", {}) if entries else {}
+    return _objective_rows(entries, f"training step + AdamW, batch {info.get('batch')}, {info.get('preset')} vs clip")
 
 
 def _tokenizer_rows(entries: list[dict]) -> list[dict]:
@@ -161,7 +167,8 @@ def ratio_rows(data: dict) -> list[dict]:
     by_module: dict[str, list[dict]] = {}
     for entry in data["benchmarks"]:
         by_module.setdefault(_module(entry), []).append(entry)
-    special = {"bench_loader": _loader_rows, "bench_objective": _objective_rows, "bench_tokenizer": _tokenizer_rows}
+    special = {"bench_loader": _loader_rows, "bench_objective": _objective_rows, "bench_tokenizer": _tokenizer_rows,
+               "bench_train_step": _train_step_rows}
     rows = []
     for module, entries in by_module.items():
         if module in PEERS:

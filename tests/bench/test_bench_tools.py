@@ -19,7 +19,7 @@ import torch
 from benchmarks import report, run
 
 REPO = Path(__file__).resolve().parents[2]
-PARTS = ["peaks", "tests", "contrastive", "lookup", "attention", "towers"]
+PARTS = ["peaks", "tests", "contrastive", "lookup", "attention", "towers", "train"]
 
 
 def _env(**extra):
