@@ -26,13 +26,16 @@ import datetime
 import json
 import logging
 import os
-import platform
 import statistics
-import subprocess
+import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if not __package__:  # run as a script: make the benchmarks package importable
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.machine import cpu_name, git_state  # noqa: E402
 METHODS = {  # name: overrides of the demo preset
     "clip": ["model.preset=clip_tiny", "loss=clip"],
     "declip": ["model.preset=declip_tiny"],
@@ -128,14 +131,6 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=300)
@@ -166,8 +161,9 @@ def main(argv=None) -> dict:
                       f"top-5 {100 * record['top5']:.1f}%", flush=True)
                 records.append(record)
     date = datetime.date.today().isoformat()
-    meta = {"date": date, "device": f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
-            "commit": _commit(), "steps": args.steps, "seeds": args.seeds, "fractions": args.fractions,
+    commit, dirty = git_state()
+    meta = {"date": date, "device": f"CPU ({os.cpu_count()} cores, {cpu_name()})",
+            "commit": (commit or "unknown")[:7] + (" (uncommitted changes)" if dirty else ""), "steps": args.steps, "seeds": args.seeds, "fractions": args.fractions,
             "methods": args.methods, "batch_size": base.data.batch_size,
             "train_pairs": len(np.load(Path(args.demo_data) / "train_labels.npy")),
             "test_images": len(np.load(Path(args.demo_data) / "test_labels.npy"))}

@@ -24,12 +24,12 @@ import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: report.py beside it
-
-import data_efficiency  # noqa: E402
-import report  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
+if not __package__:  # run as a script: make the benchmarks package importable
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import data_efficiency, report  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 BENCH_FILE = re.compile(r"^(\d{4}-\d{2}-\d{2})-([a-z0-9-]+)\.json$")
 
@@ -54,7 +54,7 @@ def performance(folder: Path) -> str:
         for suffix in ("loss", "lookup"):
             png = path.with_name(f"{path.stem}-{suffix}.png")
             if png.exists():
-                parts.append(f"![{suffix}: {report._where(data)}]({png.relative_to(ROOT)})\n")
+                parts.append(f"![{suffix}: {report.where(data)}]({png.relative_to(ROOT)})\n")
     return "\n".join(parts) if parts else "No benchmark results are committed yet: `make bench` writes them.\n"
 
 

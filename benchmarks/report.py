@@ -59,7 +59,7 @@ def _seconds(entry: dict) -> float:
     return entry.get("extra_info", {}).get("median_s", entry["stats"]["median"])
 
 
-def _where(data: dict) -> str:
+def where(data: dict) -> str:
     """The device and date that title every table and plot."""
     info = data["machine_info"]
     device = info.get("device", "unknown device")
@@ -189,7 +189,7 @@ def _md_table(rows: list[dict]) -> list[str]:
 
 def ratio_markdown(data: dict) -> str:
     """The one table of ratios against the peers measured in the same run, with its heading."""
-    lines = [f"## Ratios against peers measured in the same run ({_where(data)})", "",
+    lines = [f"## Ratios against peers measured in the same run ({where(data)})", "",
              "ours / peer: time (below 1: faster) and peak extra memory (below 1: leaner).", ""]
     rows = [dict(benchmark=r["benchmark"], case=r["case"], ours=r["ours"], peer=r["peer"],
                  ours_measured=r["ours_value"], peer_measured=r["peer_value"], time_ratio=_ratio(r["time"]),
@@ -204,7 +204,7 @@ def markdown(data: dict, source: str) -> str:
     info = {k: "n/a" if v is None else v for k, v in data["machine_info"].items()}
     commit = data["machine_info"].get("git_commit") or "unknown"
     dirty = {True: " (uncommitted changes)", False: ""}.get(info.get("git_dirty"), " (tree state unknown)")
-    lines = [f"# Benchmarks: {_where(data)}", "",
+    lines = [f"# Benchmarks: {where(data)}", "",
              f"- commit: {commit}{dirty}",
              f"- torch {info.get('torch')}, triton {info.get('triton')}, CUDA {info.get('cuda_runtime')} (torch build), "
              f"driver {info.get('cuda_driver')}, Python {info.get('python', info.get('python_version'))}",
@@ -216,7 +216,7 @@ def markdown(data: dict, source: str) -> str:
                      f"device copy {peaks.get('copy_gb_s', 0):.0f} GB/s (read + write)")
     lines += ["", ratio_markdown(data)]
     for name, rows in data.get("tables", {}).items():
-        lines += [f"## {name} ({_where(data)})", "", *_md_table(rows), ""]
+        lines += [f"## {name} ({where(data)})", "", *_md_table(rows), ""]
     return "\n".join(lines)
 
 
@@ -309,7 +309,7 @@ def write_report(path: Path, out_dir: Path | None = None) -> list[Path]:
             print(f"no {name} measurements in {path.name}: no {name} plot")
             continue
         try:
-            _plot(points, xlabel, what, _where(data), out_dir / f"{path.stem}-{name}.png")
+            _plot(points, xlabel, what, where(data), out_dir / f"{path.stem}-{name}.png")
         except ImportError:
             print("matplotlib is not installed: no plots")
             break
