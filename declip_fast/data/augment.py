@@ -40,6 +40,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from declip_fast.data import augment_cpu
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LUMA = (0.299, 0.587, 0.114)
@@ -166,12 +168,16 @@ def augment(images: torch.Tensor, generator: torch.Generator | None = None,
     jitter, gray, blur = draw() < config.jitter_p, draw() < config.grayscale_p, draw() < config.blur_p
     lo, hi = config.blur_sigma
     sigma = lo + (hi - lo) * draw()
-    # One pass from any layout (FFCV hands over channels-last uint8) into the only new buffer.
-    out = torch.empty(n, 3, h, w, device=dev)
-    out.copy_(images)
-    flat = out.view(n, 3, h * w)
+    numba_cpu = augment_cpu.available(images)  # one fused pass on a CPU (numba), else torch ops
+    if numba_cpu:  # the means only matter to jittered samples (contrast)
+        means = augment_cpu.channel_means(images) if config.jitter_p > 0 else torch.zeros(n, 3)
+    else:  # one pass from any layout (FFCV hands over channels-last uint8) into the only new buffer
+        out = torch.empty(n, 3, h, w, device=dev)
+        out.copy_(images)
+        flat = out.view(n, 3, h * w)
+        means = flat.mean(2)
     pixel_scale = 1.0 / 255.0 if images.dtype == torch.uint8 else 1.0
-    matrix, offset = colour_transform(flat.mean(2) * pixel_scale, jitter, gray, generator, config)
+    matrix, offset = colour_transform(means * pixel_scale, jitter, gray, generator, config)
 
     # Fold the uint8 scale and the normalization (x - mean) / std into the matrix and offset.
     mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1)
@@ -183,12 +189,15 @@ def augment(images: torch.Tensor, generator: torch.Generator | None = None,
     # The clamp to [0, 1] before normalization, as two binary ops: clamp_ with tensor bounds
     # is ~5x slower on a CPU.
     low, high = (0.0 - mean) / std, (1.0 - mean) / std
-    strip = h * w if dev.type == "cuda" else CPU_STRIP
-    for start in range(0, h * w, strip):
-        part = flat[:, :, start : start + strip]
-        mixed = torch.baddbmm(offset, matrix, part)
-        torch.maximum(mixed, low, out=mixed)
-        part.copy_(torch.minimum(mixed, high, out=mixed))
+    if numba_cpu:
+        out = augment_cpu.colour(images, matrix, offset, low, high)
+    else:
+        strip = h * w if dev.type == "cuda" else CPU_STRIP
+        for start in range(0, h * w, strip):
+            part = flat[:, :, start : start + strip]
+            mixed = torch.baddbmm(offset, matrix, part)
+            torch.maximum(mixed, low, out=mixed)
+            part.copy_(torch.minimum(mixed, high, out=mixed))
 
     if config.blur_p == 0:
         return out
@@ -199,7 +208,9 @@ def augment(images: torch.Tensor, generator: torch.Generator | None = None,
         delta[size // 2] = 1.0
         return gaussian_blur(out, torch.where(blur[:, None], kernels, delta)).contiguous()
     chosen = blur.nonzero().squeeze(1)
-    if chosen.numel():
+    if chosen.numel() and numba_cpu:
+        augment_cpu.blur_(out, chosen, kernels[chosen])
+    elif chosen.numel():
         # Advanced indexing, not index_select: the latter is ~10x slower on large CPU rows.
         out[chosen] = gaussian_blur(out[chosen], kernels[chosen])
     return out

@@ -128,9 +128,11 @@ def two_view_decoder(size: int, scale: tuple[float, float], ratio=(3 / 4, 4 / 3)
     from dataclasses import replace
 
     from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder, get_random_crop
-    from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.libffcv import imdecode
     from ffcv.pipeline.allocation_query import AllocationQuery
     from ffcv.pipeline.compiler import Compiler
+
+    from declip_fast.data.resize import resized_crop_fn
 
     seed_key = int(np.random.SeedSequence([seed, CROP_STREAM]).generate_state(1)[0])  # < 2**32
 
@@ -146,16 +148,17 @@ def two_view_decoder(size: int, scale: tuple[float, float], ratio=(3 / 4, 4 / 3)
         def declare_state_and_memory(self, previous_state):
             state, (_, scratch) = super().declare_state_and_memory(previous_state)
             shape = (2, size, size, 3)
-            return replace(state, shape=shape), (AllocationQuery(shape, np.dtype("<u1")), scratch)
+            row = AllocationQuery((3 * int(self.max_width),), np.dtype("<i4"))  # resize scratch
+            return replace(state, shape=shape), (AllocationQuery(shape, np.dtype("<u1")), scratch, row)
 
         def generate_code(self):
             mem_read, my_range, jpg = self.memory_read, Compiler.get_iterator(), IMAGE_MODES["jpg"]
-            imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
+            imdecode_c, resized_crop_c = Compiler.compile(imdecode), resized_crop_fn(Compiler.compile)
             get_crop_c, crop_scale, crop_ratio = Compiler.compile(get_random_crop), self.scale, self.ratio
             batch_key_c, sample_seed_c = crop_seeders(Compiler.compile)
 
             def decode(batch_indices, my_storage, metadata, storage_state):
-                destination, temp_storage = my_storage
+                destination, temp_storage, rows = my_storage
                 batch_key = batch_key_c(batch_indices, seed_key)
                 for dst_ix in my_range(len(batch_indices)):
                     np.random.seed(sample_seed_c(batch_key, dst_ix))
@@ -165,15 +168,13 @@ def two_view_decoder(size: int, scale: tuple[float, float], ratio=(3 / 4, 4 / 3)
                     if field["mode"] == jpg:
                         pixels = temp_storage[dst_ix]
                         imdecode_c(image_data, pixels, height, width, height, width, 0, 0, 1, 1, False, False)
-                        pixels = pixels.reshape(-1)[: 3 * height * width].reshape(height, width, 3)
+                        pixels = pixels.reshape(-1)[: 3 * height * width]
                     else:
-                        pixels = image_data.reshape(height, width, 3)
+                        pixels = image_data.reshape(-1)
                     for view in range(2):
                         i, j, h, w = get_crop_c(height, width, crop_scale, crop_ratio)
-                        out = destination[dst_ix, view]
-                        resize_crop_c(pixels, i, i + h, j, j + w, out)
-                        if np.random.rand() < 0.5:
-                            out[:] = out[:, ::-1].copy()
+                        flip = np.random.rand() < 0.5
+                        resized_crop_c(pixels, width, i, j, h, w, flip, destination[dst_ix, view], rows[dst_ix])
                 return destination[: len(batch_indices)]
 
             decode.is_parallel = True

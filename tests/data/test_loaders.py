@@ -13,6 +13,7 @@ import random
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
 from declip_fast.data import augment as A
@@ -245,6 +246,26 @@ def test_fused_decoder_compiled_by_numba(gradients, data):
     images = torch.cat([_cat(batches, "images_1"), _cat(batches, "images_2")]).mean(1)
     flipped = images[:, :, : SIZE // 2].mean((1, 2)) > images[:, :, SIZE // 2 :].mean((1, 2))
     assert abs(flipped.float().mean().item() - 0.5) < 0.15
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fused_decoder_views_are_torchvisions_resize_of_the_image(gradients, compiled):
+    """crop_scale (1, 1) on a square image: each view is the whole 48 px ramp resized to 32 px
+    with torch's antialiased bilinear filter (the fallback's), flipped or not."""
+    from ffcv.pipeline.compiler import Compiler
+
+    Compiler.set_enabled(compiled)
+    try:
+        batches = _epoch(gradients, "ffcv", crop_scale=(1.0, 1.0), mlm=False, eda=False,
+                         augment=A.AugmentConfig(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0))
+    finally:
+        Compiler.set_enabled(False)
+    views = 255 * _unnormalize(torch.cat([_cat(batches, "images_1"), _cat(batches, "images_2")]))
+    ramp = torch.linspace(0, 255, 48).to(torch.uint8).double().view(1, 1, 1, 48).expand(1, 3, 48, 48)
+    ref = F.interpolate(ramp, size=(SIZE, SIZE), mode="bilinear", antialias=True, align_corners=False)
+    ref = ref.float()
+    error = torch.minimum((views - ref).abs().amax((1, 2, 3)), (views - ref.flip(-1)).abs().amax((1, 2, 3)))
+    assert error.max() < 3.0  # the ramp went through JPEG (quality 90) in the .beton
 
 
 @pytest.mark.parametrize("backend", VARIANTS)
