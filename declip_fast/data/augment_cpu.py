@@ -110,7 +110,8 @@ def _kernels():
         import numba
     except ImportError:
         return None
-    jit = numba.njit(nogil=True, fastmath=True, error_model="numpy")
+    # cache: compiling the three costs ~5 s, once per machine instead of once per process.
+    jit = numba.njit(nogil=True, fastmath=True, error_model="numpy", cache=True)
     return jit(_channel_sums), jit(_colour), jit(_blur)
 
 
@@ -118,7 +119,8 @@ def available(images) -> bool:
     """Whether this module handles ``images`` (a CPU tensor of uint8 or float32, numba present)."""
     import torch
 
-    return images.device.type == "cpu" and images.dtype in (torch.uint8, torch.float32) and _kernels() is not None
+    return (images.device.type == "cpu" and images.dtype in (torch.uint8, torch.float32)
+            and images.numel() > 0 and _kernels() is not None)
 
 
 def _flat(images):
