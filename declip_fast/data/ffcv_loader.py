@@ -123,7 +123,7 @@ def two_view_decoder(size: int, scale: tuple[float, float], ratio=(3 / 4, 4 / 3)
     crops, each flipped with p = 0.5: uint8 [B, 2, size, size, 3]. Two pipelines on one field
     decode every image twice, and decoding is most of the loader's work (measured: 2 views cost
     1.9x one view that way). Crops use FFCV's own ``get_random_crop``, then
-    :func:`declip_fast.data.resize.resized_crop_fn` (flip included).
+    :func:`declip_fast.data.resize.resized_crop_fn` (flip included), compiled by FFCV's compiler.
 
     Seeded: before its crops, each sample seeds numba's generator (per thread; numpy's global one
     when FFCV's compiler is off) from ``seed``, the batch's sample ids and its place in the
