@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+import torch
 
 
 def _channel_sums(src, starts, hw, planar, sums):
@@ -117,8 +118,6 @@ def _kernels():
 
 def available(images) -> bool:
     """Whether this module handles ``images`` (a CPU tensor of uint8 or float32, numba present)."""
-    import torch
-
     return (images.device.type == "cpu" and images.dtype in (torch.uint8, torch.float32)
             and images.numel() > 0 and _kernels() is not None)
 
@@ -126,8 +125,6 @@ def available(images) -> bool:
 def _flat(images):
     """(1-D numpy view of the storage the images span, start of each image in it, planar):
     images stored HWC (channels-last) or CHW each are read in place, others copied to CHW."""
-    import torch
-
     n, _, h, w = images.shape
     sb, sc, sy, sx = images.stride()
     planar = (sc, sy, sx) == (h * w, w, 1)
@@ -140,8 +137,6 @@ def _flat(images):
 
 def channel_means(images):
     """float32 [B, 3] per-image channel means (in the images' own units) of [B, 3, H, W]."""
-    import torch
-
     n, _, h, w = images.shape
     sums = np.empty((n, 3), np.float64)
     base, starts, planar = _flat(images)
@@ -152,8 +147,6 @@ def channel_means(images):
 def colour(images, matrix, offset, low, high):
     """New float32 [B, 3, H, W]: ``clamp(matrix @ pixel + offset, low, high)`` per pixel.
     ``matrix`` [B, 3, 3] and ``offset`` [B, 3] act on the raw pixel values; ``low`` / ``high`` [3]."""
-    import torch
-
     n, _, h, w = images.shape
     # numpy, not torch.empty: numpy asks for transparent huge pages on large buffers, and the
     # first touch of a fresh 38 MB output then costs ~8 ms instead of ~26 ms (measured here).
@@ -171,9 +164,7 @@ BLUR_TAP_FLOOR = 1e-8  # outer taps below this weight are skipped: < 1e-7 change
 def blur_(images, chosen, kernels):
     """Blur ``images[chosen[j]]`` (float32 [B, 3, H, W], C order) in place with the normalized
     1-D kernel ``kernels[j]`` along both axes, reflect padding (as ``augment.gaussian_blur``)."""
-    import torch
-
-    n, _, h, w = images.shape
+    _, _, h, w = images.shape
     size = kernels.shape[1]
     taps = np.ascontiguousarray(kernels.to(torch.float32).numpy())
     big = taps >= BLUR_TAP_FLOOR  # symmetric, centre always kept
