@@ -5,44 +5,63 @@ Problem. Rows ``a`` [M, D] (images), columns ``b`` [N, D] (texts), scale ``s``; 
 ``lse_r(i) = logsumexp_j X[i, j]``, per column (symmetric loss) ``lse_c(j) = logsumexp_i X[i, j]``,
 and the positives ``X[i, offset + i]``.
 
-Tiling (forward). The (row block x column block) tiles are split into a P_r x P_c grid of
-rectangles, one program each. A program walks its rectangle row block by row block; for each tile
-it runs a K-loop over D (``tl.dot``, fp32 accumulation), scales by ``s * log2(e)`` (everything on
-chip is in base 2, so exponentials are ``exp2``) and updates:
+Forward. The (row block x column block) tiles are cut into P_r x P_c rectangles of balanced
+sizes, one program each (:func:`~declip_fast.kernels.tuning.plan_rectangles` picks P_r, P_c for
+whole waves of programs). A program walks its rectangle row block by row block; for each tile it
+runs a K-loop over D (``tl.dot``, fp32 accumulation), scales by ``s * log2(e)`` (everything on chip
+is base 2, so exponentials are ``exp2``) and updates:
 
 - the row statistics of the current row block, a running (max, sum of exp2) pair in registers;
-- the column statistics of the tile's columns, a (max, sum) pair that this program alone owns in
-  a partial buffer ``[P_r, N]`` (read, merged, written back: no atomics, no locks);
+- the column statistics of the tile's columns, a (max, sum) pair in slot ``pid_r`` of a partial
+  buffer ``[P_r, N]`` that this program alone owns (initialised on its first row block, merged and
+  written back after each; a barrier orders the write before the next read, since the threads
+  that read a column need not be the ones that wrote it);
 - the positive logits, read off the one tile that holds each row's diagonal entry.
 
-Merging two pairs uses ``sum = s1 * exp2(m1 - m) + s2 * exp2(m2 - m)`` with ``m = max(m1, m2)``,
-so no exponential ever overflows. At the end each row has P_c partial pairs and each column P_r;
-the host folds them with one ``logsumexp`` over a [P, N] tensor: O(P * N) extra memory, never
-O(N^2), and one logits product in total for both directions.
+Pairs merge as ``sum = s1 * exp2(m1 - m) + s2 * exp2(m2 - m)``, ``m = max(m1, m2)``, so no
+exponential overflows. The host folds the P_c row partials and the P_r column partials with one
+log-sum-exp each: O((P_r + P_c) * N) memory, one logits product for both directions, and no
+program reads what another wrote, so the result does not depend on program order.
 
-Backward. The same rectangles; each tile is recomputed once (2MND FLOPs), turned into
-``dX = w_r * exp2(x - lse_r) + w_c * exp2(x - lse_c)`` minus ``w_pos`` on the positives (held
-relative to ``w_pos``, so the 16-bit copy never underflows at large N), cast to the input dtype
-for the tensor cores, and multiplied out in D-chunks: ``dA += s * dX @ b`` and
-``dB += s * dX.T @ a`` (4MND FLOPs), accumulated with fp32 atomics. ``d s = sum(dX * X / s)`` is a
-per-program register sum. Total 8MND for forward + backward, the budget of SPEC section 5.
-fp32 inputs accumulate straight into their gradients. 16-bit inputs accumulate into fp32 windows
-of at most WORKSPACE_BYTES (rows x columns of the problem, one launch per window pair; see
-:func:`backward_grads`), so the memory beyond inputs and gradients stays a few tens of MiB at any N.
+Backward: two owner passes, no atomics. ``dX = w_r * P_row + w_c * P_col - w_pos * I`` (with
+``P_row = exp2(x - lse_r)``, ``P_col = exp2(x - lse_c)``) is recomputed tile by tile. The row pass
+gives each program BP rows and a BD-wide chunk of D: it walks every column block, recomputes the
+logits (2 BP*BN*D FLOPs a tile), forms dX and accumulates ``dA += s * dX @ b[:, chunk]`` in
+registers; the column pass does the same from the columns' side for dB. Every gradient element is
+written once, by its owner, so the backward is bit-identical across runs and program orders. 10 MND
+FLOPs in all (forward 2, each pass 4) against 8 for a one-pass backward with atomics, which in
+exchange would issue one fp32 atomic per ~2*BN FLOPs and give order-dependent bits. When the owners
+alone cannot fill the GPU (the gathered mode at B = 128 rows per rank), the other axis is cut into
+S ranges whose fp32 partials ``[S, M, D]`` are summed on the host in a fixed order.
+``d s = sum(dX * X) / s`` is summed per row-pass program and folded on the host in a fixed order.
+
+Memory beyond inputs and gradients: the forward's (P_r + P_c) x N partial pairs, then O(N)
+statistics, plus the S-way partials when S > 1 (bounded by SPLIT_WORKSPACE_BYTES).
 
 Numerics. fp32 accumulation everywhere; bf16/fp16 inputs are loaded as they are for ``tl.dot``
-(exact products, fp32 sums); fp32 inputs use ``tf32x3`` dots (three TF32 tensor-core products, about
-fp32 accuracy, unlike plain TF32).
-Masked (out-of-range) logits are ``-inf`` and contribute exp2(-inf) = 0. At ``s = 100`` logits
-lie in [-100, 100] for unit vectors; the running-max form keeps every exp2 argument <= 0. Offsets
-into ``a``, ``b`` and the gradients are computed in int64, so N * D may exceed 2^31.
+(exact products, fp32 sums); fp32 inputs use ``tf32x3`` dots (three TF32 tensor-core products,
+about fp32 accuracy). dX is held relative to ``w_pos`` (so ``|dX| <= 1``) and multiplied by
+DX_SCALE = 2^14 before its 16-bit copy for the tensor cores: probabilities down to 2^-28 stay
+normal in fp16 (unscaled, fp16 goes subnormal below 2^-14, i.e. ~1/N at N > 16K); the exact power
+of two is divided out in fp32. Masked logits are ``-inf`` (exp2 gives 0). Offsets into ``a``, ``b``
+and the gradients are int64, so N * D may exceed 2^31.
+
+Hopper tiles (reasoning, not yet timed on a GPU). The forward is a GEMM with an epilogue per tile
+(two reductions, ~BM*BN exp2): large tiles (128 x 128, BK = 64) amortise the epilogue and feed
+wgmma; the tile's fp32 accumulator takes 64 registers a thread on 8 warps. The backward programs
+hold an fp32 ``[BP, BD]`` gradient accumulator for their whole walk: BD = 256 on 8 warps is 64
+registers a thread for 64 rows (128 for 128 rows), which leaves room for the logits tile and the
+pipelined operands under the 240-register ceiling the compile test enforces; D = 512 then takes two
+chunks, each recomputing the logits (12 MND per backward instead of 8, the price of keeping
+the accumulator on chip without spills). See ``benchmarks/kernel_budget.py`` for the FLOPs, bytes,
+registers and roofline bound of each config.
 
 Distributed (``local_loss=True, gather_with_grad=True``): each rank passes its B local rows and the
 N gathered columns. Row statistics are local; the column statistics of local rows are all-gathered
 (one collective of N pairs) and folded, so every logit of the global N x N matrix is computed once
-in the whole job. The column-side gradient then covers every column and travels back to the
-owners through the gather's reduce-scatter; after DDP/FSDP averaging the gradients of the
-features and of ``s`` equal the single-process global-batch loss.
+in the whole job. The column pass covers every column and its gradient travels back to the owners
+through the gather's reduce-scatter; after DDP/FSDP averaging the gradients of the features and of
+``s`` equal the single-process global-batch loss.
 """
 
 from __future__ import annotations
@@ -52,55 +71,64 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from declip_fast.kernels.tuning import bucket, dot_precision, interpreting, tuning
+from declip_fast.kernels.tuning import (bucket, concurrent_programs, dot_precision, interpreting,
+                                        launch_device, plan_rectangles, plan_splits, tuning)
 
 LN2 = 0.6931471805599453
+DX_SCALE = 16384.0  # 2^14: |dX| <= 1, so the scaled 16-bit copy stays below fp16's 65504
 
-# Rectangles per axis: P_r * P_c programs; partial statistics cost (P_r + P_c) * N * 8 bytes.
-MAX_PROGRAMS_PER_AXIS = 16
+# Forward rectangles are planned in tiles of PLAN_TILE rows/columns (the largest BM/BN of any
+# config, so no rectangle is ever empty), at most MAX_PROGRAMS_PER_AXIS per axis: the partial
+# statistics cost (P_r + P_c) * N * 8 bytes.
+PLAN_TILE = 128
+MAX_PROGRAMS_PER_AXIS = 32
+# Backward: at most this many ranges of the reduction axis, and this much fp32 for their partials.
+MAX_SPLITS = 32
+SPLIT_WORKSPACE_BYTES = 64 << 20
 
-# Backward fp32 accumulators for 16-bit inputs (plan_windows): at most this many bytes, so that
-# with the forward's saved statistics the loss needs < 64 MiB beyond inputs and gradients.
-WORKSPACE_BYTES = 48 << 20
-MIN_WINDOW = 64
-MAX_ROUNDINGS = 16
-
-
-
-
-# Hopper (sm_90) tilings, per input class; every one compiles for sm_90 without spills
-# (tests/kernels/test_contrastive.py checks). 16-bit inputs run on wgmma; fp32 inputs use three
-# TF32 products per dot and need small tiles to stay in registers. The interpreter gets one config
-# with big tiles: it costs ~3 ms per program per loop iteration, whatever the tile.
+# Hopper (sm_90) tilings per input class; each compiles for sm_90 without spills and within the
+# register ceiling (tests/kernels/test_contrastive.py). The interpreter gets one config with big
+# tiles (it costs ~3 ms per program per loop iteration, whatever the tile) and a BD narrower than
+# the widest test D, so the D-chunk walk runs on the CPU too.
 HOPPER_FWD = {
     "16-bit": [
-        (dict(BM=128, BN=64, BK=64), dict(num_warps=8, num_stages=3)),
-        (dict(BM=64, BN=128, BK=32), dict(num_warps=4, num_stages=3)),
-        (dict(BM=64, BN=64, BK=32), dict(num_warps=4, num_stages=3)),
+        (dict(BM=128, BN=64, BK=64), dict(num_warps=8, num_stages=3, maxnreg=232)),
+        (dict(BM=64, BN=128, BK=64), dict(num_warps=4, num_stages=3, maxnreg=232)),
+        (dict(BM=128, BN=64, BK=32), dict(num_warps=8, num_stages=4, maxnreg=232)),
     ],
-    "fp32": [(dict(BM=64, BN=64, BK=16), dict(num_warps=4, num_stages=3))],
+    "fp32": [(dict(BM=64, BN=64, BK=16), dict(num_warps=4, num_stages=3, maxnreg=240))],
 }
 HOPPER_BWD = {
     "16-bit": [
-        (dict(BM=128, BN=64, BK=64, BD=32), dict(num_warps=8, num_stages=2)),
-        (dict(BM=64, BN=128, BK=32, BD=32), dict(num_warps=8, num_stages=2)),
-        (dict(BM=64, BN=64, BK=32, BD=32), dict(num_warps=4, num_stages=2)),
+        (dict(BP=64, BQ=64, BK=64, BD=256), dict(num_warps=8, num_stages=3, maxnreg=232)),
+        (dict(BP=128, BQ=64, BK=64, BD=128), dict(num_warps=8, num_stages=2, maxnreg=232)),
+        (dict(BP=64, BQ=128, BK=64, BD=128), dict(num_warps=8, num_stages=2, maxnreg=232)),
     ],
-    "fp32": [(dict(BM=32, BN=32, BK=32, BD=32), dict(num_warps=4, num_stages=2))],
+    "fp32": [(dict(BP=64, BQ=32, BK=16, BD=64), dict(num_warps=4, num_stages=2, maxnreg=240))],
 }
+# The backward configs that stay spill-free when D is not a multiple of 16 (no vectorised,
+# divisibility-hinted loads): the others are dropped for such D.
+ANY_D_BWD = [dict(BP=64, BQ=64, BK=64, BD=256), dict(BP=64, BQ=32, BK=16, BD=64)]
 INTERPRETER_FWD = {"any": [(dict(BM=64, BN=64, BK=128), dict(num_warps=4, num_stages=1))]}
-INTERPRETER_BWD = {"any": [(dict(BM=64, BN=64, BK=128, BD=128), dict(num_warps=4, num_stages=1))]}
+INTERPRETER_BWD = {"any": [(dict(BP=64, BQ=64, BK=128, BD=256), dict(num_warps=4, num_stages=1))]}
 
 
-
-
+def _narrow_chunk(meta: dict, args: dict) -> dict | None:
+    """A D-chunk no wider than D (rounded up to 16): a chunk past D would multiply zeros. For D
+    not a multiple of 16, only the ANY_D_BWD configs."""
+    if args["D"] % 16 and meta not in ANY_D_BWD and not interpreting():
+        return None
+    meta["BD"] = min(meta["BD"], max(16, triton.next_power_of_2(args["D"])))
+    return meta
 
 
 FWD_CONFIGS, FWD_PRUNE = tuning(INTERPRETER_FWD if interpreting() else HOPPER_FWD, "a_ptr")
-BWD_CONFIGS, BWD_PRUNE = tuning(INTERPRETER_BWD if interpreting() else HOPPER_BWD, "a_ptr")
+BWD_CONFIGS, BWD_PRUNE = tuning(INTERPRETER_BWD if interpreting() else HOPPER_BWD, "p_ptr",
+                                _narrow_chunk)
 
 # The autotune key: the shapes that change the best tiling, and the dtype (via the pointer types).
-TUNE_KEY = ["M_BUCKET", "N_BUCKET", "D", "SYMMETRIC"]
+FWD_KEY = ["M_BUCKET", "N_BUCKET", "D", "SYMMETRIC"]
+BWD_KEY = ["P_BUCKET", "Q_BUCKET", "D", "OWN_STATS", "OTHER_STATS"]
 
 
 @triton.jit
@@ -139,8 +167,14 @@ def _merge(m1, l1, m2, l2):
     return m, l1 * tl.exp2(m1 - m_safe) + l2 * tl.exp2(m2 - m_safe)
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY, prune_configs_by=FWD_PRUNE,
-                 restore_value=["row_m_ptr", "row_l_ptr", "col_m_ptr", "col_l_ptr"])
+@triton.jit
+def _span(pid, programs, blocks):
+    """Blocks [start, end) of program ``pid`` when ``blocks`` are shared by ``programs`` in
+    contiguous ranges whose sizes differ by at most one (none empty when programs <= blocks)."""
+    return pid * blocks // programs, (pid + 1) * blocks // programs
+
+
+@triton.autotune(configs=FWD_CONFIGS, key=FWD_KEY, prune_configs_by=FWD_PRUNE)
 @triton.jit
 def _fwd_kernel(
     # pointers
@@ -155,18 +189,16 @@ def _fwd_kernel(
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
-    rb_per = tl.cdiv(tl.cdiv(M, BM), tl.num_programs(0))
-    cb_per = tl.cdiv(tl.cdiv(N, BN), tl.num_programs(1))
+    rb_start, rb_end = _span(pid_r, tl.num_programs(0), tl.cdiv(M, BM))
+    cb_start, cb_end = _span(pid_c, tl.num_programs(1), tl.cdiv(N, BN))
     scale2 = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
-    rb_end = tl.minimum((pid_r + 1) * rb_per, tl.cdiv(M, BM))
-    cb_end = tl.minimum((pid_c + 1) * cb_per, tl.cdiv(N, BN))
-    for rb in range(pid_r * rb_per, rb_end):
+    for rb in range(rb_start, rb_end):
         rows = rb * BM + tl.arange(0, BM)
         rmask = rows < M
         rows64 = rows.to(tl.int64)
         m_i = tl.full((BM,), float("-inf"), tl.float32)
         l_i = tl.zeros((BM,), tl.float32)
-        for cb in range(pid_c * cb_per, cb_end):
+        for cb in range(cb_start, cb_end):
             cols = cb * BN + tl.arange(0, BN)
             cmask = cols < N
             x = _logits_tile(a_ptr, b_ptr, rb * BM, cb * BN, M, N, D, stride_am, stride_ad,
@@ -179,11 +211,16 @@ def _fwd_kernel(
                 c_m_safe = tl.where(c_m == float("-inf"), 0.0, c_m)
                 c_l = tl.sum(tl.exp2(x - c_m_safe[None, :]), axis=0)
                 slot = pid_r.to(tl.int64) * N + cols
-                old_m = tl.load(col_m_ptr + slot, mask=cmask, other=float("-inf"))
-                old_l = tl.load(col_l_ptr + slot, mask=cmask, other=0.0)
+                # The first row block starts the slot: no host initialisation to rely on.
+                seen = cmask & (rb > rb_start)
+                old_m = tl.load(col_m_ptr + slot, mask=seen, other=float("-inf"))
+                old_l = tl.load(col_l_ptr + slot, mask=seen, other=0.0)
                 new_m, new_l = _merge(old_m, old_l, c_m, c_l)
                 tl.store(col_m_ptr + slot, new_m, mask=cmask)
                 tl.store(col_l_ptr + slot, new_l, mask=cmask)
+                # Threads of this program read these columns back at the next row block, not
+                # necessarily the threads that wrote them.
+                tl.debug_barrier()
             # The positives of this row block sit in this tile for rows whose label column is here.
             lo = rb * BM + offset
             if (lo < cb * BN + BN) & (lo + BM > cb * BN):
@@ -196,97 +233,87 @@ def _fwd_kernel(
         tl.store(row_l_ptr + slot, l_i, mask=rmask)
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=TUNE_KEY, prune_configs_by=BWD_PRUNE,
-                 restore_value=["da_ptr", "db_ptr"])
+@triton.autotune(configs=BWD_CONFIGS, key=BWD_KEY, prune_configs_by=BWD_PRUNE)
 @triton.jit
 def _bwd_kernel(
-    # pointers
-    a_ptr, b_ptr, scale_ptr, mult_ptr, row_m_ptr, row_l_ptr, col_m_ptr, col_l_ptr, da_ptr, db_ptr,
+    # pointers: the owned side p [P, D], the other side q [Q, D], their base-2 statistics
+    p_ptr, q_ptr, scale_ptr, mult_ptr, own_m_ptr, own_l_ptr, oth_m_ptr, oth_l_ptr, out_ptr,
     ds_ptr,
-    # shapes and weights
-    M, N, D, offset, M_BUCKET, N_BUCKET, w_row, w_col,
-    # strides (the fp32 gradient accumulators are contiguous [M, D] and [N, D])
-    stride_am, stride_ad, stride_bn, stride_bd,
+    # shapes and weights (relative to the positives' weight)
+    P, Q, D, shift, P_BUCKET, Q_BUCKET, w_own, w_other,
+    # strides (out is [S, P, D] partials, or the [P, D] gradient itself when S == 1)
+    stride_pp, stride_pd, stride_qq, stride_qd, stride_out_split,
     # constexprs
-    SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr, WANT_DB: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
+    OWN_STATS: tl.constexpr, OTHER_STATS: tl.constexpr, WANT_DS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
 ):
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    rb_per = tl.cdiv(tl.cdiv(M, BM), tl.num_programs(0))
-    cb_per = tl.cdiv(tl.cdiv(N, BN), tl.num_programs(1))
+    """Gradient of the owned side. Tile entries are logits X[i, j] seen from the owner: own
+    index ``o`` and other index ``t``; the positive pairs are those with ``t - o == shift``
+    (offset for the row pass, -offset for the column pass)."""
+    pid_p = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    qb_start, qb_end = _span(pid_s, tl.num_programs(2), tl.cdiv(Q, BQ))
     scale = tl.load(scale_ptr).to(tl.float32)
     scale2 = scale * 1.4426950408889634
-    # dX is built relative to the positives' weight (a positive contributes -1, probabilities at
-    # most w_row + w_col), so its 16-bit copy for the tensor cores stays in the normal range
-    # whatever the batch size; ``mult`` (w_pos times the upstream gradient) is applied in fp32.
     mult = tl.load(mult_ptr).to(tl.float32)
-    out_scale = scale * mult
-    rb_end = tl.minimum((pid_r + 1) * rb_per, tl.cdiv(M, BM))
-    cb_end = tl.minimum((pid_c + 1) * cb_per, tl.cdiv(N, BN))
-    rd = tl.arange(0, BD)
-    ds = tl.zeros((BM,), tl.float32)
-    for rb in range(pid_r * rb_per, rb_end):
-        rows = rb * BM + tl.arange(0, BM)
-        rmask = rows < M
-        rows64 = rows.to(tl.int64)
-        # Base-2 log-sum-exp as max + log2(sum): subtract them one after the other.
-        r_m = tl.load(row_m_ptr + rows64, mask=rmask, other=0.0)
-        r_l = tl.load(row_l_ptr + rows64, mask=rmask, other=0.0)
-        for cb in range(pid_c * cb_per, cb_end):
-            cols = cb * BN + tl.arange(0, BN)
-            cmask = cols < N
-            cols64 = cols.to(tl.int64)
-            x = _logits_tile(a_ptr, b_ptr, rb * BM, cb * BN, M, N, D, stride_am, stride_ad,
-                             stride_bn, stride_bd, scale2, BM, BN, BK, PRECISION)
-            dx = w_row * tl.exp2((x - r_m[:, None]) - r_l[:, None])
-            if SYMMETRIC:
-                c_m = tl.load(col_m_ptr + cols64, mask=cmask, other=0.0)
-                c_l = tl.load(col_l_ptr + cols64, mask=cmask, other=0.0)
-                dx += w_col * tl.exp2((x - c_m[None, :]) - c_l[None, :])
-            dx = tl.where(cols[None, :] == rows[:, None] + offset, dx - 1.0, dx)
-            valid = rmask[:, None] & cmask[None, :]
-            dx = tl.where(valid, dx, 0.0)
-            # d loss / d s = sum(dX * x) / (s * log2 e); the division happens once, at the end.
+    own = pid_p * BP + tl.arange(0, BP)
+    omask = own < P
+    own64 = own.to(tl.int64)
+    if OWN_STATS:
+        # Base-2 log-sum-exp as max + log2(sum): subtracted one after the other.
+        o_m = tl.load(own_m_ptr + own64, mask=omask, other=0.0)
+        o_l = tl.load(own_l_ptr + own64, mask=omask, other=0.0)
+    dd = pid_d * BD + tl.arange(0, BD)
+    acc = tl.zeros((BP, BD), tl.float32)
+    ds = tl.zeros((BP,), tl.float32)
+    for qb in range(qb_start, qb_end):
+        oth = qb * BQ + tl.arange(0, BQ)
+        tmask = oth < Q
+        x = _logits_tile(p_ptr, q_ptr, pid_p * BP, qb * BQ, P, Q, D, stride_pp, stride_pd,
+                         stride_qq, stride_qd, scale2, BP, BQ, BK, PRECISION)
+        dx = tl.zeros((BP, BQ), tl.float32)
+        if OWN_STATS:
+            dx += w_own * tl.exp2((x - o_m[:, None]) - o_l[:, None])
+        if OTHER_STATS:
+            oth64 = oth.to(tl.int64)
+            t_m = tl.load(oth_m_ptr + oth64, mask=tmask, other=0.0)
+            t_l = tl.load(oth_l_ptr + oth64, mask=tmask, other=0.0)
+            dx += w_other * tl.exp2((x - t_m[None, :]) - t_l[None, :])
+        dx = tl.where(oth[None, :] - own[:, None] == shift, dx - 1.0, dx)
+        valid = omask[:, None] & tmask[None, :]
+        dx = tl.where(valid, dx, 0.0)
+        if WANT_DS:
             ds += tl.sum(tl.where(valid, dx * x, 0.0), axis=1)
-            dx_in = dx.to(a_ptr.dtype.element_ty)
-            b_blk = _block(b_ptr, cb * BN, N, D, stride_bn, stride_bd, BN, BD)
-            a_blk = _block(a_ptr, rb * BM, M, D, stride_am, stride_ad, BM, BD)
-            for d0 in range(0, D, BD):
-                dd = d0 + rd
-                dmask = dd < D
-                b = tl.load(b_blk, boundary_check=(0, 1), padding_option="zero")
-                da = tl.dot(dx_in, b, input_precision=PRECISION) * out_scale
-                tl.atomic_add(da_ptr + rows64[:, None] * D + dd[None, :], da,
-                              mask=rmask[:, None] & dmask[None, :], sem="relaxed")
-                if WANT_DB:
-                    a = tl.load(a_blk, boundary_check=(0, 1), padding_option="zero")
-                    db = tl.dot(tl.trans(dx_in), a, input_precision=PRECISION) * out_scale
-                    tl.atomic_add(db_ptr + cols64[:, None] * D + dd[None, :], db,
-                                  mask=cmask[:, None] & dmask[None, :], sem="relaxed")
-                b_blk = tl.advance(b_blk, (0, BD))
-                a_blk = tl.advance(a_blk, (0, BD))
-    tl.store(ds_ptr + pid_r * tl.num_programs(1) + pid_c, tl.sum(ds, axis=0) * (mult / scale2))
+        q_blk = tl.advance(_block(q_ptr, qb * BQ, Q, D, stride_qq, stride_qd, BQ, BD), (0, pid_d * BD))
+        q = tl.load(q_blk, boundary_check=(0, 1), padding_option="zero")
+        # DX_SCALE (2^14), literal here: a jit function reads no module globals.
+        acc = tl.dot((dx * 16384.0).to(p_ptr.dtype.element_ty), q, acc, input_precision=PRECISION)
+    out = out_ptr + pid_s.to(tl.int64) * stride_out_split + own64[:, None] * D + dd[None, :]
+    acc = acc * (scale * mult / 16384.0)
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=omask[:, None] & (dd < D)[None, :])
+    if WANT_DS:
+        # d loss / d s = sum(dX * x) / (s * log2 e); one partial per (owner block, range).
+        slot = pid_s * tl.num_programs(0) + pid_p
+        tl.store(ds_ptr + slot, tl.sum(ds, axis=0) * (mult / scale2), mask=pid_d == 0)
 
 
 # ----------------------------------------------------------------------------- host launchers
 
 
-def _grid_dims(m: int, n: int) -> tuple[int, int]:
-    # Rectangles per axis, from the smallest block any config uses (64), so every config fills
-    # the grid; programs whose rectangle is empty simply exit.
-    return min(MAX_PROGRAMS_PER_AXIS, triton.cdiv(m, 64)), min(MAX_PROGRAMS_PER_AXIS, triton.cdiv(n, 64))
-
-
-
-
-def _check_inputs(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> None:
+def _check_inputs(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, offset: int) -> None:
     if a.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"the Triton contrastive kernel takes fp16, bf16 or fp32, got {a.dtype}")
     if b.dtype != a.dtype or a.shape[1] != b.shape[1] or a.device != b.device:
         raise ValueError(f"rows {tuple(a.shape)} {a.dtype} and columns {tuple(b.shape)} {b.dtype} do not match")
     if scale.numel() != 1:
         raise ValueError(f"scale must be a scalar, got shape {tuple(scale.shape)}")
+    if not 0 <= offset <= b.shape[0] - a.shape[0]:
+        raise ValueError(
+            f"offset {offset} puts the positives of {a.shape[0]} rows outside the {b.shape[0]} "
+            f"columns: need 0 <= offset <= {b.shape[0] - a.shape[0]}"
+        )
 
 
 def _fold(m: torch.Tensor, l: torch.Tensor, dim: int = 0):
@@ -301,112 +328,82 @@ def _fold(m: torch.Tensor, l: torch.Tensor, dim: int = 0):
     return big.squeeze(dim), torch.log2(total).squeeze(dim)
 
 
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with contiguous rows: a launch with unit stride along D compiles that stride in (the
+    only builds the compile tests hold to no spills); other layouts are copied once."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def forward_stats(a, b, scale, offset: int, symmetric: bool):
     """Row and (if symmetric) column log-sum-exps as (M, L) pairs (see :func:`_fold`) and the
     positive logits; fp32, all in base 2 (multiply by ln 2 for natural-log values)."""
-    _check_inputs(a, b, scale)
+    _check_inputs(a, b, scale, offset)
+    a, b = _unit_stride(a), _unit_stride(b)
     m, n, d = a.shape[0], b.shape[0], a.shape[1]
-    p_r, p_c = _grid_dims(m, n)
+    slots = concurrent_programs(a.device)
+    p_r, p_c = plan_rectangles(triton.cdiv(m, PLAN_TILE), triton.cdiv(n, PLAN_TILE), slots,
+                               MAX_PROGRAMS_PER_AXIS)
     f32 = dict(dtype=torch.float32, device=a.device)
-    row_m = torch.full((p_c, m), float("-inf"), **f32)
-    row_l = torch.zeros((p_c, m), **f32)
-    col_m = torch.full((p_r, n if symmetric else 1), float("-inf"), **f32)
-    col_l = torch.zeros((p_r, n if symmetric else 1), **f32)
+    # Every slot is written by its program (no rectangle is empty): no initialisation needed.
+    row_m, row_l = torch.empty((2, p_c, m), **f32)
+    col_m, col_l = torch.empty((2, p_r, n if symmetric else 1), **f32)
     pos = torch.empty(m, **f32)
     scale32 = scale.detach().reshape(1).to(torch.float32)
-    _fwd_kernel[(p_r, p_c)](
-        a, b, scale32, row_m, row_l, col_m, col_l, pos,
-        m, n, d, offset, bucket(m), bucket(n),
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        SYMMETRIC=symmetric, PRECISION=dot_precision(a.dtype),
-    )
+    with launch_device(a.device):
+        _fwd_kernel[(p_r, p_c)](
+            a, b, scale32, row_m, row_l, col_m, col_l, pos,
+            m, n, d, offset, bucket(m), bucket(n),
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            SYMMETRIC=symmetric, PRECISION=dot_precision(a.dtype),
+        )
     row = _fold(row_m, row_l)
     col = _fold(col_m, col_l) if symmetric else None
     return row, col, pos
 
 
-def plan_windows(m: int, n: int, d: int, dtype: torch.dtype, want_db: bool,
-                 workspace_bytes: int | None = None) -> tuple[int, int]:
-    """(rows, columns) per backward window so that the fp32 accumulators fit ``workspace_bytes``.
+def _owner_pass(p, q, scale32, mult, own, other, shift, w_own, w_other, want_ds):
+    """Gradient of ``p`` (in p's dtype) and, if ``want_ds``, the d scale partial sum."""
+    p, q = _unit_stride(p), _unit_stride(q)
+    n_p, n_q, d = p.shape[0], q.shape[0], p.shape[1]
+    slots = concurrent_programs(p.device)
+    # Owner blocks and splits are planned with the largest BP (every config's BP divides it).
+    splits = plan_splits(triton.cdiv(n_p, PLAN_TILE), triton.cdiv(n_q, PLAN_TILE), slots, MAX_SPLITS)
+    splits = max(1, min(splits, SPLIT_WORKSPACE_BYTES // (4 * n_p * d)))
+    f32 = dict(dtype=torch.float32, device=p.device)
+    out = torch.empty((n_p, d), dtype=p.dtype, device=p.device) if splits == 1 else \
+        torch.empty((splits, n_p, d), **f32)
+    # One d-scale slot per (range, owner block of the smallest BP); unused slots stay zero.
+    ds = torch.zeros((splits * triton.cdiv(n_p, 16),), **f32) if want_ds else mult
+    unused = (own or other)[0]  # a valid pointer for the statistics a pass does not read
+    own_m, own_l = own if own is not None else (unused, unused)
+    oth_m, oth_l = other if other is not None else (unused, unused)
+    grid = lambda meta: (triton.cdiv(n_p, meta["BP"]), triton.cdiv(d, meta["BD"]), splits)
+    with launch_device(p.device):
+        _bwd_kernel[grid](
+            p, q, scale32, mult, own_m, own_l, oth_m, oth_l, out, ds,
+            n_p, n_q, d, shift, bucket(n_p), bucket(n_q), w_own, w_other,
+            p.stride(0), p.stride(1), q.stride(0), q.stride(1), n_p * d if splits > 1 else 0,
+            OWN_STATS=own is not None, OTHER_STATS=other is not None, WANT_DS=want_ds,
+            PRECISION=dot_precision(p.dtype),
+        )
+    grad = out if splits == 1 else out.sum(dim=0).to(p.dtype)
+    return grad, (ds.sum() if want_ds else None)
 
-    fp32 inputs accumulate straight into their gradients: one window, no workspace. 16-bit inputs
-    need fp32 accumulators of (rows + columns) x D; when the whole problem fits the budget it is
-    one window (every gradient rounded once), otherwise row windows are as tall as the budget
-    allows after a narrow column window (see :func:`backward_grads` for what that costs), and at
-    most MAX_ROUNDINGS of them (for huge N * D that outgrows the budget).
-    """
-    if dtype == torch.float32:
-        return m, n
-    budget = WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes
-    fits = max(budget // (4 * d), 2 * MIN_WINDOW)  # accumulator rows the budget holds
-    if m + (n if want_db else 0) <= fits:
-        return m, n
-    if not want_db:
-        return min(m, fits), n
-    cols = min(n, max(MIN_WINDOW, fits // 8 // MIN_WINDOW * MIN_WINDOW))
-    rows = min(m, max(MIN_WINDOW, (fits - cols) // MIN_WINDOW * MIN_WINDOW))
-    # Past MAX_ROUNDINGS row windows the budget yields to precision.
-    rows = max(rows, min(m, triton.cdiv(m, MAX_ROUNDINGS)))
-    return rows, cols
 
-
-def backward_grads(a, b, scale, row, col, offset: int, weights, want_db: bool, grad_loss,
-                   workspace_bytes: int | None = None):
+def backward_grads(a, b, scale, row, col, offset: int, weights, want_db: bool, grad_loss):
     """(dA, dB or None, d scale) of ``grad_loss`` times the loss whose logit gradient is
-    dX = w_row * P_row + w_col * P_col - w_pos * I, from the base-2 log-sum-exps of
-    :func:`forward_stats`. dA and dB come back in the input dtype, d scale in fp32.
-
-    Memory: the kernel accumulates in fp32 with atomics. For 16-bit inputs the accumulators are
-    windows (:func:`plan_windows`): rows [r0, r1) x columns [c0, c1), one launch per pair, row
-    windows outside. A row window's dA is complete after its column sweep and is cast once; dB of
-    a column window is complete only after every row window, so with several row windows it is
-    added into the 16-bit gradient once per row window (a few roundings instead of one, which
-    is what keeps the extra memory bounded: exact fp32 accumulators for both sides would need
-    (M + N) * D * 4 bytes, 512 MiB at N = 131072, D = 512). Every logit is still recomputed once.
-    """
-    m, n, d = a.shape[0], b.shape[0], a.shape[1]
+    dX = w_row * P_row + w_col * P_col - w_pos * I, from the base-2 (M, L) statistics of
+    :func:`forward_stats` (``col`` None for the one-direction loss). dA and dB come back in the
+    input dtype, d scale in fp32. Deterministic: no atomics, fixed-order host sums."""
     w_row, w_col, w_pos = weights
-    symmetric = col is not None
-    col = col if symmetric else row  # unused when not symmetric
-    f32 = dict(dtype=torch.float32, device=a.device)
     mult = (grad_loss.detach().to(torch.float32) * w_pos).reshape(1)
     scale32 = scale.detach().reshape(1).to(torch.float32)
-    rows, cols = plan_windows(m, n, d, a.dtype, want_db, workspace_bytes)
-    # fp32 inputs accumulate straight into their (zeroed) gradients, 16-bit ones into fp32 windows.
-    direct = a.dtype == torch.float32
-    new = torch.zeros if direct else torch.empty
-    da = new((m, d), dtype=a.dtype, device=a.device)
-    db = new((n, d), dtype=b.dtype, device=b.device) if want_db else None
-    da_win = da if direct else torch.empty((rows, d), **f32)
-    if not want_db:
-        db_win = torch.empty((1, d), **f32)  # never touched: the kernel runs with WANT_DB=False
-    else:
-        db_win = db if direct else torch.empty((cols, d), **f32)
-    ds_parts = []
-    for r0 in range(0, m, rows):
-        r1 = min(m, r0 + rows)
-        acc_a = da_win if direct else da_win[: r1 - r0].zero_()
-        for c0 in range(0, n, cols):
-            c1 = min(n, c0 + cols)
-            acc_b = db_win if direct or not want_db else db_win[: c1 - c0].zero_()
-            p_r, p_c = _grid_dims(r1 - r0, c1 - c0)
-            ds = torch.empty((p_r, p_c), **f32)
-            _bwd_kernel[(p_r, p_c)](
-                a[r0:r1], b[c0:c1], scale32, mult, row[0][r0:r1], row[1][r0:r1],
-                col[0][c0:c1], col[1][c0:c1], acc_a, acc_b, ds,
-                r1 - r0, c1 - c0, d, offset + r0 - c0, bucket(r1 - r0), bucket(c1 - c0),
-                w_row / w_pos, w_col / w_pos,
-                a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                SYMMETRIC=symmetric, PRECISION=dot_precision(a.dtype), WANT_DB=want_db,
-            )
-            ds_parts.append(ds.sum())
-            if want_db and not direct:
-                if r0 > 0:
-                    acc_b.add_(db[c0:c1])
-                db[c0:c1].copy_(acc_b)
-        if not direct:
-            da[r0:r1].copy_(acc_a)
-    return da, db, torch.stack(ds_parts).sum()
+    da, ds = _owner_pass(a, b, scale32, mult, row, col, offset, w_row / w_pos, w_col / w_pos, True)
+    db = None
+    if want_db:
+        db, _ = _owner_pass(b, a, scale32, mult, col, row, -offset, w_col / w_pos,
+                            w_row / w_pos, False)
+    return da, db, ds
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -432,10 +429,16 @@ def _loss_terms(stats, pos):
 
 class _FusedContrastive(torch.autograd.Function):
     """Loss over s * a @ b.T; ``mode`` is "symmetric", "rows" or "gathered" (see the plain
-    functions below for what each computes)."""
+    functions below for what each computes). The loss is computed in fp32 and returned in
+    ``out_dtype`` (None: the inputs' dtype)."""
 
     @staticmethod
-    def forward(ctx, a, b, scale, offset, mode, group):
+    def forward(ctx, a, b, scale, offset, mode, group, out_dtype):
+        with torch.autocast(a.device.type, enabled=False):  # the host folds stay fp32
+            return _FusedContrastive._forward(ctx, a, b, scale, offset, mode, group, out_dtype)
+
+    @staticmethod
+    def _forward(ctx, a, b, scale, offset, mode, group, out_dtype):
         symmetric = mode != "rows"
         row, col, pos = forward_stats(a, b, scale, offset, symmetric)
         m = a.shape[0]
@@ -449,7 +452,7 @@ class _FusedContrastive(torch.autograd.Function):
         ctx.save_for_backward(a, b, scale, *row, *(col if symmetric else (None, None)))
         ctx.offset = offset
         ctx.weights = (0.5 / m, 0.5 / m, 1.0 / m) if symmetric else (1.0 / m, 0.0, 1.0 / m)
-        return loss.to(a.dtype)
+        return loss.to(a.dtype if out_dtype is None else out_dtype)
 
     @staticmethod
     @once_differentiable
@@ -457,26 +460,30 @@ class _FusedContrastive(torch.autograd.Function):
         a, b, scale, row_m, row_l, col_m, col_l = ctx.saved_tensors
         want_db = ctx.needs_input_grad[1]
         col = (col_m, col_l) if col_m is not None else None
-        da, db, ds = backward_grads(a, b, scale, (row_m, row_l), col, ctx.offset, ctx.weights,
-                                    want_db, grad_loss)
+        with torch.autocast(a.device.type, enabled=False):
+            da, db, ds = backward_grads(a, b, scale, (row_m, row_l), col, ctx.offset, ctx.weights,
+                                        want_db, grad_loss)
         dscale = ds.to(scale.dtype).reshape(scale.shape) if ctx.needs_input_grad[2] else None
-        return da, db, dscale, None, None, None
+        return da, db, dscale, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- functions
 
 
-def clip_loss(image_features, text_features, logit_scale):
+def clip_loss(image_features, text_features, logit_scale, *, out_dtype=None):
     """Symmetric CLIP loss, labels on the diagonal: both directions from one pass of tiles."""
-    return _FusedContrastive.apply(image_features, text_features, logit_scale, 0, "symmetric", None)
+    return _FusedContrastive.apply(image_features, text_features, logit_scale, 0, "symmetric",
+                                   None, out_dtype)
 
 
-def clip_loss_rows(queries, keys, logit_scale, offset: int):
-    """One-direction InfoNCE: row i of ``queries`` matches row ``offset + i`` of ``keys``."""
-    return _FusedContrastive.apply(queries, keys, logit_scale, offset, "rows", None)
+def clip_loss_rows(queries, keys, logit_scale, offset: int, *, out_dtype=None):
+    """One-direction InfoNCE: row i of ``queries`` matches row ``offset + i`` of ``keys``
+    (``0 <= offset <= len(keys) - len(queries)``)."""
+    return _FusedContrastive.apply(queries, keys, logit_scale, offset, "rows", None, out_dtype)
 
 
-def clip_loss_gathered(local_image, all_text, logit_scale, offset: int, group=None):
+def clip_loss_gathered(local_image, all_text, logit_scale, offset: int, group=None, *,
+                       out_dtype=None):
     """This rank's share of the global-batch CLIP loss: its rows, every rank's columns.
 
     ``all_text`` must be gathered with gradient (its backward sums the column gradients into
@@ -484,4 +491,5 @@ def clip_loss_gathered(local_image, all_text, logit_scale, offset: int, group=No
     gradients, averaged over ranks, are those of the single-process loss over the global batch.
     Each logit of the global matrix is computed once in the whole job.
     """
-    return _FusedContrastive.apply(local_image, all_text, logit_scale, offset, "gathered", group)
+    return _FusedContrastive.apply(local_image, all_text, logit_scale, offset, "gathered", group,
+                                   out_dtype)

@@ -18,12 +18,20 @@ O(N * D) outside the tiles). Then ``dq += s * dX @ k``, ``dk += s * dX.T @ q`` a
 ``ds = sum(dX * X / s) = sum_i <q_i, (dX @ k)_i>``, which needs no extra pass over the tile.
 
 Numerics: every tile is computed in float32 (float64 for float64 inputs); inputs of lower precision
-are upcast once, which costs O(N * D) memory. The peak memory is O(N * D + tile), independent of
+are upcast once, which costs O(N * D) memory, and autocast is switched off inside (the inputs are
+already in the dtype the caller chose; a 16-bit ``torch.mm`` would round every logit). The loss is
+summed as per-row terms ``(max_r(i) - X[i, offset + i]) + log(sum_r(i))``, the positive read from
+the same tile as the row statistics, as cross_entropy's log-softmax does: summing the row and
+column log-sum-exps and the positives separately cancels catastrophically once logits are large
+(norm-5 features at scale 100 lose ~4 digits in fp32). It is cast once, at the end, to
+``out_dtype`` (the inputs' dtype when None). The peak memory is O(N * D + tile), independent of
 the number of logits. A scalar ``logit_bias`` added to every logit cancels in a softmax, so it
 changes neither the loss nor any other gradient; its own gradient is exactly zero.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -36,6 +44,13 @@ MAX_COL_BLOCK = 1 << 14
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _no_autocast(device_type: str):
+    """Autocast off for this device type (which autocast may not know, as the meta device)."""
+    if not torch.amp.is_autocast_available(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
 
 
 def _blocks(rows: int, cols: int, block) -> tuple[int, int]:
@@ -74,104 +89,135 @@ class _TiledContrastive(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, scale, offset, symmetric, block):
-        cdt = _compute_dtype(q.dtype)
-        qc, kc = q.to(cdt), k.to(cdt)
-        s = scale.detach().to(cdt)
-        rows, cols = qc.shape[0], kc.shape[0]
-        row_block, col_block = _blocks(rows, cols, block)
-
-        row_lse = torch.empty(rows, dtype=cdt, device=q.device)
-        col_m = torch.full((cols,), float("-inf"), dtype=cdt, device=q.device)
-        col_s = torch.zeros(cols, dtype=cdt, device=q.device)
-        for r0, r1 in _spans(rows, row_block):
-            r_m = torch.full((r1 - r0,), float("-inf"), dtype=cdt, device=q.device)
-            r_s = torch.zeros(r1 - r0, dtype=cdt, device=q.device)
-            for c0, c1 in _spans(cols, col_block):
-                x = torch.mm(qc[r0:r1], kc[c0:c1].T).mul_(s)
-                t_m = x.amax(dim=1)
-                r_m, r_s = _merge(r_m, r_s, t_m, (x - t_m[:, None]).exp_().sum(dim=1))
-                if symmetric:
-                    t_m = x.amax(dim=0)
-                    col_m[c0:c1], col_s[c0:c1] = _merge(
-                        col_m[c0:c1], col_s[c0:c1], t_m, (x - t_m[None, :]).exp_().sum(dim=0)
-                    )
-            row_lse[r0:r1] = _log_sum(r_m, r_s)
-
-        pos = s * (qc * kc[offset : offset + rows]).sum(dim=1)
-        if symmetric:
-            col_lse = _log_sum(col_m, col_s)
-            loss = (row_lse.sum() + col_lse.sum() - 2 * pos.sum()) / (2 * rows)
-        else:
-            col_lse = row_lse.new_empty(0)
-            loss = (row_lse.sum() - pos.sum()) / rows
-
+    def forward(ctx, q, k, scale, offset, symmetric, block, out_dtype):
+        with _no_autocast(q.device.type):
+            loss, row_lse, col_lse, blocks = _forward(q, k, scale, offset, symmetric, block)
         ctx.save_for_backward(q, k, scale, row_lse, col_lse)
-        ctx.offset, ctx.symmetric, ctx.blocks = offset, symmetric, (row_block, col_block)
-        return loss.to(q.dtype)
+        ctx.offset, ctx.symmetric, ctx.blocks = offset, symmetric, blocks
+        return loss.to(q.dtype if out_dtype is None else out_dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss):
-        q, k, scale, row_lse, col_lse = ctx.saved_tensors
-        offset, symmetric = ctx.offset, ctx.symmetric
-        row_block, col_block = ctx.blocks
-        cdt = row_lse.dtype
-        qc, kc = q.to(cdt), k.to(cdt)
-        s = scale.detach().to(cdt)
-        g = grad_loss.to(cdt)
-        rows, cols = qc.shape[0], kc.shape[0]
-        # Weight of each softmax term in dL/dX, upstream gradient folded in.
-        w = g / (2 * rows) if symmetric else g / rows
-
-        # dq is always needed: d loss / d scale is read off it. dk is skipped when k takes no
-        # gradient (gathered features without gather_with_grad), a quarter of the backward FLOPs.
-        want_dk = ctx.needs_input_grad[1]
-        dq = torch.zeros_like(qc)
-        dk = torch.zeros_like(kc) if want_dk else None
-        for r0, r1 in _spans(rows, row_block):
-            for c0, c1 in _spans(cols, col_block):
-                x = torch.mm(qc[r0:r1], kc[c0:c1].T).mul_(s)
-                dx = (x - row_lse[r0:r1, None]).exp_()
-                if symmetric:
-                    dx.add_((x.sub_(col_lse[None, c0:c1])).exp_())
-                dx.mul_(w)
-                dq[r0:r1].addmm_(dx, kc[c0:c1])
-                if want_dk:
-                    dk[c0:c1].addmm_(dx.T, qc[r0:r1])
-        # dq holds dX @ k (unscaled), so <q, dq> summed is sum(dX * q @ k.T) = d loss / d s.
-        ds = (qc * dq).sum()
-        # Positives: every row (and, symmetric, every column) subtracts X[i, offset + i]
-        # once, with total weight g / rows per pair.
-        k_pos = kc[offset : offset + rows]
-        g_pos = g / rows
-        ds = ds - g_pos * (qc * k_pos).sum()
-        dq.mul_(s).sub_(g_pos * s * k_pos)
-        if want_dk:
-            dk.mul_(s)
-            dk[offset : offset + rows].sub_(g_pos * s * qc)
-            dk = dk.to(k.dtype)
-
-        dscale = ds.to(scale.dtype).reshape(scale.shape) if ctx.needs_input_grad[2] else None
-        return dq.to(q.dtype), dk, dscale, None, None, None
+        with _no_autocast(grad_loss.device.type):
+            return _backward(ctx, grad_loss)
 
 
-def clip_loss(image_features, text_features, logit_scale, block=None):
+def _forward(q, k, scale, offset, symmetric, block):
+    """(loss, row log-sum-exps, column log-sum-exps, tile shape) in the compute dtype."""
+    cdt = _compute_dtype(q.dtype)
+    qc, kc = q.to(cdt), k.to(cdt)
+    s = scale.detach().to(cdt)
+    rows, cols = qc.shape[0], kc.shape[0]
+    row_block, col_block = _blocks(rows, cols, block)
+
+    row_m = torch.empty(rows, dtype=cdt, device=q.device)
+    row_s = torch.empty(rows, dtype=cdt, device=q.device)
+    pos = torch.empty(rows, dtype=cdt, device=q.device)
+    col_m = torch.full((cols,), float("-inf"), dtype=cdt, device=q.device)
+    col_s = torch.zeros(cols, dtype=cdt, device=q.device)
+    for r0, r1 in _spans(rows, row_block):
+        r_m = torch.full((r1 - r0,), float("-inf"), dtype=cdt, device=q.device)
+        r_s = torch.zeros(r1 - r0, dtype=cdt, device=q.device)
+        for c0, c1 in _spans(cols, col_block):
+            x = torch.mm(qc[r0:r1], kc[c0:c1].T).mul_(s)
+            # Positives in this tile: rows i with offset + i in [c0, c1), on one diagonal.
+            lo, hi = max(r0, c0 - offset), min(r1, c1 - offset)
+            if lo < hi:
+                pos[lo:hi] = x[lo - r0 : hi - r0, lo + offset - c0 : hi + offset - c0].diagonal()
+            t_m = x.amax(dim=1)
+            r_m, r_s = _merge(r_m, r_s, t_m, (x - t_m[:, None]).exp_().sum(dim=1))
+            if symmetric:
+                t_m = x.amax(dim=0)
+                col_m[c0:c1], col_s[c0:c1] = _merge(
+                    col_m[c0:c1], col_s[c0:c1], t_m, (x - t_m[None, :]).exp_().sum(dim=0)
+                )
+        row_m[r0:r1], row_s[r0:r1] = r_m, r_s
+
+    # Per row (max - positive) first: exact when the positive is the max, as a confident
+    # model's is; the log of the sum is then a small number kept to full precision.
+    loss = ((row_m - pos) + torch.log(row_s)).sum()
+    if symmetric:
+        loss = (loss + ((col_m - pos) + torch.log(col_s)).sum()) / (2 * rows)
+        col_lse = _log_sum(col_m, col_s)
+    else:
+        loss = loss / rows
+        col_lse = row_m.new_empty(0)
+    return loss, _log_sum(row_m, row_s), col_lse, (row_block, col_block)
+
+
+def _backward(ctx, grad_loss):
+    """(d q, d k or None, d scale, None x 4) in the inputs' dtypes."""
+    q, k, scale, row_lse, col_lse = ctx.saved_tensors
+    offset, symmetric = ctx.offset, ctx.symmetric
+    row_block, col_block = ctx.blocks
+    cdt = row_lse.dtype
+    qc, kc = q.to(cdt), k.to(cdt)
+    s = scale.detach().to(cdt)
+    g = grad_loss.to(cdt)
+    rows, cols = qc.shape[0], kc.shape[0]
+    # Weight of each softmax term in dL/dX, upstream gradient folded in.
+    w = g / (2 * rows) if symmetric else g / rows
+
+    # dq is always needed: d loss / d scale is read off it. dk is skipped when k takes no
+    # gradient (gathered features without gather_with_grad), a quarter of the backward FLOPs.
+    want_dk = ctx.needs_input_grad[1]
+    dq = torch.zeros_like(qc)
+    dk = torch.zeros_like(kc) if want_dk else None
+    for r0, r1 in _spans(rows, row_block):
+        for c0, c1 in _spans(cols, col_block):
+            x = torch.mm(qc[r0:r1], kc[c0:c1].T).mul_(s)
+            dx = (x - row_lse[r0:r1, None]).exp_()
+            if symmetric:
+                dx.add_((x.sub_(col_lse[None, c0:c1])).exp_())
+            dx.mul_(w)
+            dq[r0:r1].addmm_(dx, kc[c0:c1])
+            if want_dk:
+                dk[c0:c1].addmm_(dx.T, qc[r0:r1])
+    # dq holds dX @ k (unscaled), so <q, dq> summed is sum(dX * q @ k.T) = d loss / d s.
+    ds = (qc * dq).sum()
+    # Positives: every row (and, symmetric, every column) subtracts X[i, offset + i]
+    # once, with total weight g / rows per pair.
+    k_pos = kc[offset : offset + rows]
+    g_pos = g / rows
+    ds = ds - g_pos * (qc * k_pos).sum()
+    dq.mul_(s).sub_(g_pos * s * k_pos)
+    if want_dk:
+        dk.mul_(s)
+        dk[offset : offset + rows].sub_(g_pos * s * qc)
+        dk = dk.to(k.dtype)
+
+    dscale = ds.to(scale.dtype).reshape(scale.shape) if ctx.needs_input_grad[2] else None
+    return dq.to(q.dtype), dk, dscale, None, None, None, None
+
+
+def _check(q, k, offset: int, out_dtype) -> None:
+    last = k.shape[0] - q.shape[0]
+    if not isinstance(offset, int) or not 0 <= offset <= last:
+        raise ValueError(f"offset must be an int in [0, {last}] (keys - queries), got {offset!r}")
+    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+        raise ValueError(f"out_dtype must be a floating torch.dtype or None, got {out_dtype!r}")
+
+
+def clip_loss(image_features, text_features, logit_scale, block=None, *, out_dtype=None):
     """Symmetric CLIP loss over matching rows of both feature sets (labels on the diagonal).
 
     Equals ``(CE(s I T^T, arange) + CE(s T I^T, arange)) / 2`` with O(N * D + tile) memory.
+    ``out_dtype``: the loss's dtype (None: the features'); autocast callers ask for float32, as
+    autocast's cross_entropy returns.
     """
-    return _TiledContrastive.apply(
-        image_features, text_features, logit_scale, 0, True, block
-    )
+    _check(image_features, text_features, 0, out_dtype)
+    return _TiledContrastive.apply(image_features, text_features, logit_scale, 0, True, block, out_dtype)
 
 
-def clip_loss_rows(queries, keys, logit_scale, offset: int, block=None):
+def clip_loss_rows(queries, keys, logit_scale, offset: int, block=None, *, out_dtype=None):
     """One-direction InfoNCE: row i of ``queries`` matches row ``offset + i`` of ``keys``.
 
-    Equals ``CE(s Q K^T, offset + arange(R))`` with O((R + C) * D + tile) memory.
+    Equals ``CE(s Q K^T, offset + arange(R))`` with O((R + C) * D + tile) memory; ``out_dtype``
+    as in :func:`clip_loss`.
     """
-    return _TiledContrastive.apply(queries, keys, logit_scale, offset, False, block)
+    _check(queries, keys, offset, out_dtype)
+    return _TiledContrastive.apply(queries, keys, logit_scale, offset, False, block, out_dtype)
 
 
 def clip_loss_dense(image_features, text_features, logit_scale):
@@ -215,9 +261,14 @@ def nn_lookup(queries: torch.Tensor, bank: torch.Tensor, valid: int | None = Non
     Returns (scores float32 [B], indices int64 [B]). The B x M similarity matrix never exists:
     the bank is scanned in chunks (LOOKUP_CHUNK_ELEMENTS scores at a time) with a running
     maximum; a later chunk replaces the best only when strictly better, so ties keep the lowest
-    index. Products in float32 (float64 for float64 inputs).
+    index. Products in float32 (float64 for float64 inputs), autocast or not.
     """
     m = check_lookup(queries, bank, valid)
+    with _no_autocast(queries.device.type):
+        return _nn_lookup(queries, bank, m)
+
+
+def _nn_lookup(queries: torch.Tensor, bank: torch.Tensor, m: int):
     compute = _compute_dtype(queries.dtype)
     q = queries.detach().to(compute)
     chunk = max(MIN_LOOKUP_CHUNK, LOOKUP_CHUNK_ELEMENTS // max(1, q.shape[0]))

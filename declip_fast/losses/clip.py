@@ -17,6 +17,8 @@ one place, :func:`resolve_impl`. On Triton the scalable mode gathers only the te
 each logit of the global matrix once (``kernels.contrastive.clip_loss_gathered``): per-rank
 losses equal OpenCLIP's, and gradients averaged over ranks equal the global-batch loss's (the
 per-rank split of the logit_scale gradient differs from OpenCLIP's, its average does not).
+
+Mixed precision follows one rule, :func:`autocast_inputs`, shared by every contrastive loss here.
 """
 
 from __future__ import annotations
@@ -53,6 +55,33 @@ def resolve_impl(impl: str, features: torch.Tensor, kernel: str = "contrastive")
         if not _triton_available(kernel):
             raise NotImplementedError(f"the Triton kernel declip_fast.kernels.{kernel} cannot be imported")
     return impl
+
+
+def autocast_inputs(*tensors: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.dtype | None]:
+    """The mixed-precision contract of the contrastive losses: ``(tensors, out_dtype)``.
+
+    Under ``torch.autocast`` for the tensors' device type, floating tensors are cast to the
+    autocast dtype (float64 left alone, as autocast leaves it) and the loss is to be returned
+    in float32: OpenCLIP's loss is autocast's ``cross_entropy``, which runs in float32, and an
+    fp16 loss breaks GradScaler, whose initial scale 65536 (above fp16's 65504) reaches the loss
+    as its upstream gradient: inf in fp16, whatever the loss, so the step is skipped (the first
+    one, and again each time the scale grows back). The cast matters as much: autocast computes
+    ``normalize`` in float32, so features often reach the loss in float32, and the fused kernel
+    must see the 16-bit ones to run at 16-bit speed. Outside autocast nothing is cast and
+    ``out_dtype`` is None: the loss comes back in the inputs' dtype, as plain cross_entropy's.
+    The kernels compute in float32 either way and cast the loss once, at the end.
+    """
+    device_type = tensors[0].device.type
+    # Devices autocast does not know (meta) are never under it.
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return tensors, None
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+
+    cast_tensors = tuple(cast(t) for t in tensors)
+    return cast_tensors, None if tensors[0].dtype == torch.float64 else torch.float32
 
 
 def _as_scalar(name: str, value, like: torch.Tensor) -> torch.Tensor:
@@ -153,6 +182,8 @@ class ClipLoss(nn.Module):
     ):
         check_features(image_features, text_features)
         scale = _as_scalar("logit_scale", logit_scale, image_features)
+        # Cast before any gather: 16-bit features also halve the collectives' traffic.
+        (image_features, text_features), out_dtype = autocast_inputs(image_features, text_features)
         impl = resolve_impl(self.impl, image_features)
         symmetric_loss, rows_loss = _functions(impl)
 
@@ -163,20 +194,21 @@ class ClipLoss(nn.Module):
 
             offset = self.rank * image_features.shape[0]
             all_text = self._gather(text_features)
-            loss = contrastive.clip_loss_gathered(image_features, all_text, scale, offset)
+            loss = contrastive.clip_loss_gathered(image_features, all_text, scale, offset,
+                                                  out_dtype=out_dtype)
         elif self.world_size > 1:
             all_image = self._gather(image_features)
             all_text = self._gather(text_features)
             if self.local_loss:
                 offset = self.rank * image_features.shape[0]
                 loss = (
-                    rows_loss(image_features, all_text, scale, offset)
-                    + rows_loss(text_features, all_image, scale, offset)
+                    rows_loss(image_features, all_text, scale, offset, out_dtype=out_dtype)
+                    + rows_loss(text_features, all_image, scale, offset, out_dtype=out_dtype)
                 ) / 2
             else:
-                loss = symmetric_loss(all_image, all_text, scale)
+                loss = symmetric_loss(all_image, all_text, scale, out_dtype=out_dtype)
         else:
-            loss = symmetric_loss(image_features, text_features, scale)
+            loss = symmetric_loss(image_features, text_features, scale, out_dtype=out_dtype)
 
         if logit_bias is not None:
             # A bias shared by every logit cancels in the softmax: no change to the loss, and

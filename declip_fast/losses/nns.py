@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from declip_fast.kernels import reference
-from declip_fast.losses.clip import IMPLS, _as_scalar, resolve_impl
+from declip_fast.losses.clip import IMPLS, _as_scalar, autocast_inputs, resolve_impl
 
 
 def _normalized(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -177,10 +177,14 @@ class FeatureQueue(nn.Module):
 def nearest(queries: torch.Tensor, bank, valid: int | None = None, impl: str = "auto"):
     """Top-1 inner-product neighbour of each query in ``bank[:valid]`` (or in a FeatureQueue).
 
-    Returns (scores float32 [B], indices int64 [B]); ties resolve to the lowest index.
+    Returns (scores float32 [B], indices int64 [B]); ties resolve to the lowest index. Under
+    autocast, queries and bank are cast to the autocast dtype (:func:`autocast_inputs`), as the
+    matmul of a dense search would be: an fp32 queue serves 16-bit queries, and the fused
+    lookup reads 16-bit rows. The scores stay float32.
     """
     if isinstance(bank, FeatureQueue):
         bank, valid = bank.bank()
+    (queries, bank), _ = autocast_inputs(queries, bank)
     if resolve_impl(impl, queries, kernel="nn_lookup") == "triton":
         from declip_fast.kernels import nn_lookup
 
@@ -311,12 +315,14 @@ class NNSLoss(nn.Module):
 
     def _loss(self, queue, image_views, text_views, scale) -> torch.Tensor:
         b = image_views[0].shape[0]
+        # The contrastive losses' mixed-precision rule: 16-bit in, float32 out under autocast.
+        image_views, out_dtype = autocast_inputs(*image_views)
         rows_loss = _rows_loss(resolve_impl(self.impl, image_views[0]))
         offset = self.rank * b
         total = None
         for keys in self._neighbour_keys(queue, text_views, image_views[0].dtype):
             for image in image_views:
-                term = rows_loss(image, keys, scale, offset)
+                term = rows_loss(image, keys, scale, offset, out_dtype=out_dtype)
                 total = term if total is None else total + term
         return total / (len(image_views) * len(text_views))
 
@@ -330,12 +336,12 @@ class NNSLoss(nn.Module):
         queries = torch.cat([_normalized(t, queue.rows.dtype) for t in text_views])
         bank, valid = queue.bank()
         _, index = nearest(queries, bank, valid, self.impl)
-        found = bank[index]  # [V * B, D]
+        found = bank[index].to(dtype)  # [V * B, D], in the loss's dtype before any gather
         if self.world_size > 1:
             from declip_fast.distributed.collectives import all_gather_no_grad
 
             found = all_gather_no_grad(found, self.group)  # [W * V * B, D], rank-major
-        found = found.view(self.world_size, v, b, -1).to(dtype)
+        found = found.view(self.world_size, v, b, -1)
         return [found[:, i].reshape(self.world_size * b, -1) for i in range(v)]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

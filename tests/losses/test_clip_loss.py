@@ -120,6 +120,64 @@ def test_half_inputs_follow_float32_math(rng):
         assert abs(loss.double().item() - exact.item()) <= 2 * 50 * eps
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_large_logits_lose_no_precision(seed):
+    """Norm-5 features at scale 100: logits up to 2500 and a loss about 1. Summing N log-sum-exps
+    of ~2500 and subtracting N positives loses the loss in the rounding of the sums (N = 1024:
+    2e-5 to 1.6e-4 off in fp32, 300x-10,000x OpenCLIP's error, measured over 8 seeds); per-row
+    terms, as cross_entropy sums them, keep it.
+
+    The features lie on a grid of eighths, so every logit is exact in fp32 and the error measured
+    is the reduction's alone, not the BLAS's rounding of the logits (which differs, either way
+    round, between any two matmuls). Both results are then within an fp32 rounding or so of
+    float64: at least as close as OpenCLIP's, up to one rounding of the result.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    n, d = 1024, 64
+    img = torch.randint(-8, 9, (n, d), generator=gen).double() / 8  # norm ~4.9
+    noise = torch.randint(-8, 9, (n, d), generator=gen).double() / 8
+    txt = torch.where(torch.rand(n, d, generator=gen) < 0.3, noise, img)
+    scale = torch.tensor(100.0)
+    assert torch.equal((img.float() @ txt.float().T * 100).double(), img @ txt.T * 100)
+    exact = reference.clip_loss_dense(img, txt, scale.double()).item()
+    ours = ClipLoss(impl="torch")(img.float(), txt.float(), scale).item()
+    theirs = open_clip_loss.ClipLoss()(img.float(), txt.float(), scale).item()
+    rounding = torch.finfo(torch.float32).eps * exact
+    assert abs(ours - exact) <= abs(theirs - exact) + rounding, (ours, theirs, exact)
+
+
+def test_out_dtype_is_the_fp32_loss_cast_once(rng):
+    """``out_dtype`` changes only the final cast: fp32 out of 16-bit inputs is the loss the
+    16-bit call rounds, and the gradients are the same."""
+    img, txt = _features(40, 16, torch.bfloat16, rng)
+    scale = torch.tensor(30.0)
+    fp32_out = lambda i, t, s: reference.clip_loss(i, t, s, out_dtype=torch.float32)
+    # An upstream gradient exact in bf16, so that both backward passes see the same one.
+    wide = _run(fp32_out, img, txt, scale, upstream=1.75)
+    narrow = _run(reference.clip_loss, img, txt, scale, upstream=1.75)
+    assert wide[0].dtype == torch.float32 and narrow[0].dtype == torch.bfloat16
+    assert torch.equal(wide[0].to(torch.bfloat16), narrow[0])
+    for a, b in zip(wide[1:], narrow[1:]):
+        assert torch.equal(a, b)
+    rows = reference.clip_loss_rows(img[:7], txt, scale, 5, out_dtype=torch.float64)
+    assert rows.dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda q, k, s: reference.clip_loss(q, k, s, out_dtype=torch.int32), "out_dtype"),
+        (lambda q, k, s: reference.clip_loss(q, k, s, out_dtype="float32"), "out_dtype"),
+        (lambda q, k, s: reference.clip_loss_rows(q, k, s, 3), "offset"),
+        (lambda q, k, s: reference.clip_loss_rows(q, k, s, -1), "offset"),
+        (lambda q, k, s: reference.clip_loss_rows(q[:2], k, s, 2.0), "offset"),
+    ],
+)
+def test_bad_kernel_arguments_are_clear_value_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(torch.randn(4, 8), torch.randn(4, 8), torch.tensor(1.0))
+
+
 def test_backward_keeps_no_logits(rng):
     """Saved tensors for backward are O(N*D + N): never the N x N logits."""
     n, d = 2048, 16
