@@ -18,8 +18,11 @@ demo: setup
 # benchmarks/results/<date>-<device>.json with the machine's description, its .md and plots,
 # and the table of ratios against the peers printed at the end (benchmarks/run.py).
 # BENCH_ARGS narrows it, e.g. `make bench BENCH_ARGS="benchmarks/bench_text_views.py -k masking"`.
+# Then the kernel budget (benchmarks/kernel_budget.py, no GPU needed): each Triton kernel config's
+# FLOPs, bytes, sm_90 build and H100 roofline bound, the times a GPU run is held against.
 bench: setup
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
+	$(PY) -m benchmarks.kernel_budget
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache .benchmarks

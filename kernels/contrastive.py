@@ -46,15 +46,21 @@ normal in fp16 (unscaled, fp16 goes subnormal below 2^-14, i.e. ~1/N at N > 16K)
 of two is divided out in fp32. Masked logits are ``-inf`` (exp2 gives 0). Offsets into ``a``, ``b``
 and the gradients are int64, so N * D may exceed 2^31.
 
-Hopper tiles (reasoning, not yet timed on a GPU). The forward is a GEMM with an epilogue per tile
-(two reductions, ~BM*BN exp2): large tiles (128 x 128, BK = 64) amortise the epilogue and feed
-wgmma; the tile's fp32 accumulator takes 64 registers a thread on 8 warps. The backward programs
-hold an fp32 ``[BP, BD]`` gradient accumulator for their whole walk: BD = 256 on 8 warps is 64
-registers a thread for 64 rows (128 for 128 rows), which leaves room for the logits tile and the
-pipelined operands under the 240-register ceiling the compile test enforces; D = 512 then takes two
-chunks, each recomputing the logits (12 MND per backward instead of 8, the price of keeping
-the accumulator on chip without spills). See ``benchmarks/kernel_budget.py`` for the FLOPs, bytes,
-registers and roofline bound of each config.
+Hopper tiles (reasoning and sm_90 builds; not yet timed on a GPU). ptxas left alone takes every
+register up to 255 (no occupancy target), so each config carries ``maxnreg`` (232, 240 for fp32)
+and the compile test holds each specialised build to no spills. Forward: a GEMM whose epilogue
+per tile is two max/sum reductions and ~2 exp2 per logit; 128 x 64 tiles on two warpgroups
+(BK = 64, 3 stages: 228 registers, 72 KiB shared at D = 512) and 64 x 128 on one; 128 x 128 spills
+even at 240 registers, because the logits tile lives twice (values and exponentials). At ~230
+registers x 256 threads one program fits per SM, so grids are planned in whole waves of one
+program per SM. Backward: the owner accumulator ``[BP, BD]`` fp32 stays in registers for the
+whole walk; 64 x 256 on two warpgroups builds at 204 registers, 64 x 512 spills (392 bytes at
+240), so D = 512 runs as two chunks that each recompute the logits: 14 N^2 D per loss step
+instead of 10, accepted over spilling an accumulator that every tile updates. The plan aims at
+~40-50% of bf16 peak for the whole loss step: wgmma from one or two warpgroups without the
+ping-pong scheduling that lets FlashAttention-3 hide its exp2 epilogue behind the next tile's
+MMA, and half of the backward's FLOPs (two thirds at D = 512) spent recomputing logits. ``benchmarks/kernel_budget.py``
+prints FLOPs, bytes, registers, programs per SM and the roofline bound of each config.
 
 Distributed (``local_loss=True, gather_with_grad=True``): each rank passes its B local rows and the
 N gathered columns. Row statistics are local; the column statistics of local rows are all-gathered

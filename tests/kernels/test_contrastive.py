@@ -256,19 +256,22 @@ def test_memory_and_waves_at_scale(n, d):
 # ----------------------------------------------------------------------------- GPU
 
 
+# Both gradient-sensitive regimes at the small sizes, one at the large (the same-dtype dense
+# comparison stores several N x N matrices: 65536 fits in 16 bits).
 GPU_CASES = [
-    (n, d, dtype)
+    (n, d, dtype, kind)
     for dtype in (torch.bfloat16, torch.float16, torch.float32)
-    for n, d in [(1, 3), (257, 640), (4099, 1000), (16384, 2048)]
+    for n, d in [(1, 3), (257, 640), (4099, 1000)]
+    for kind in ("uncorrelated", "hard")
 ] + [
-    # The dense same-dtype comparison stores several N x N matrices: 65536 fits in 16 bits.
-    (65536, 512, torch.bfloat16), (65536, 512, torch.float16), (32768, 512, torch.float32),
+    (16384, 2048, torch.bfloat16, "hard"), (16384, 2048, torch.float16, "uncorrelated"),
+    (16384, 2048, torch.float32, "hard"), (65536, 512, torch.bfloat16, "uncorrelated"),
+    (65536, 512, torch.float16, "hard"), (32768, 512, torch.float32, "uncorrelated"),
 ]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["uncorrelated", "hard"])
-@pytest.mark.parametrize("n, d, dtype", GPU_CASES)
+@pytest.mark.parametrize("n, d, dtype, kind", GPU_CASES)
 def test_gpu_symmetric_matches_float64(n, d, dtype, kind, rng):
     a, b = _pair(n, n, d, dtype, rng, kind)
     scale = torch.tensor(14.0 if kind == "uncorrelated" else 30.0, device=DEVICE)
