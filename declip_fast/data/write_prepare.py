@@ -1,0 +1,289 @@
+"""The writer's worker side: one chunk of pairs -> skips or ready-to-store samples.
+
+Runs in the worker processes of ``declip_fast.data.write`` (or in the main process with one
+worker): caption checks, image decoding by content, shrinking, JPEG encoding, EDA and one tokenizer
+call per chunk. Bad input becomes a :class:`Skip` with a reason; a worker never raises for it.
+Workers die with the process that started them (``_worker_init``).
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import math
+import multiprocessing
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from declip_fast.data.sources import MAX_CAPTION_CHARS, Blob, Pair, Skip
+
+if TYPE_CHECKING:
+    from declip_fast.data.write import WriteConfig
+
+CONTEXT_LENGTH = 77
+EDA_VARIANTS = 4
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
+_WINDOW_PER_WORKER = 4  # chunks in flight per worker: enough to keep workers busy, bounded memory
+# A caption file is read up to this many bytes: more cannot decode to MAX_CAPTION_CHARS characters
+# of text plus surrounding whitespace worth keeping, and a huge one is never read whole.
+_CAPTION_MAX_BYTES = 4 * MAX_CAPTION_CHARS + 4096
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+class _Bad(Exception):
+    """A pair that cannot be written; the message is the skip reason."""
+
+
+def eda_seed(position: int, seed: int = 0) -> int:
+    """Seed of the EDA generator of the pair at ``position`` in the source."""
+    return seed * 1_000_000_007 + position
+
+
+def eda_variants(caption: str, position: int, seed: int = 0, table=None) -> list[str]:
+    """The EDA_VARIANTS EDA views stored for a caption (the same every time)."""
+    from .eda import eda, synonym_table
+
+    table = synonym_table() if table is None else table
+    rng = random.Random(eda_seed(position, seed))
+    return [eda(caption, rng, table) for _ in range(EDA_VARIANTS)]
+
+
+def _read(blob: Blob, what: str, limit: int | None = None) -> bytes:
+    """The blob's bytes; with ``limit``, more than ``limit`` of them is a "{what} too long" skip."""
+    want = blob.size if limit is None else (limit + 1 if blob.size is None else min(blob.size, limit + 1))
+    try:
+        with open(blob.path, "rb") as f:
+            f.seek(blob.offset)
+            data = f.read() if want is None else f.read(want)
+    except FileNotFoundError:
+        raise _Bad(f"missing {what}") from None
+    except OSError:
+        raise _Bad(f"unreadable {what}") from None
+    if limit is not None and len(data) > limit:
+        raise _Bad(f"{what} too long")
+    if blob.size is not None and len(data) < blob.size:  # a tar member cut short
+        raise _Bad(f"truncated {what}")
+    return data
+
+
+def _caption(raw) -> str:
+    if raw is None:
+        raise _Bad("missing caption")
+    if isinstance(raw, Blob):
+        raw = _read(raw, "caption", _CAPTION_MAX_BYTES)
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Bad("caption not utf-8") from None
+    try:
+        raw.encode("utf-8")  # lone surrogates: bytes a table could not decode
+    except UnicodeEncodeError:
+        raise _Bad("caption not utf-8") from None
+    text = raw.lstrip("\ufeff").strip()
+    if not text:
+        raise _Bad("empty caption")
+    if len(text) > MAX_CAPTION_CHARS:  # sources.MAX_CAPTION_CHARS says why
+        raise _Bad("caption too long")
+    return text
+
+
+def _decode(data: bytes, max_side: int) -> np.ndarray:
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not data:
+        raise _Bad("empty image file")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            ratio = max_side / max(im.size)
+            if ratio < 1:  # JPEG: decode at 1/2..1/8 scale, still at least the target size
+                im.draft("RGB", (math.ceil(im.size[0] * ratio), math.ceil(im.size[1] * ratio)))
+            im.load()
+            try:
+                im = ImageOps.exif_transpose(im)
+            except Exception:  # a broken EXIF block: keep the pixels as stored
+                pass
+            if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+                im = im.convert("RGBA")
+                background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(background, im)
+            return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+    except UnidentifiedImageError:
+        raise _Bad("truncated image" if data.startswith(_IMAGE_MAGIC) else "not an image") from None
+    except Image.DecompressionBombError:
+        raise _Bad("image too large") from None
+    except Exception as err:  # any decoder complaint about the bytes
+        raise _Bad("truncated image" if "runcated" in str(err) else "corrupt image") from None
+
+
+def _fit(image: np.ndarray, max_side: int, upscale: bool) -> np.ndarray:
+    """FFCV's size rule (longest side -> max_side, sides truncated), never a 0-pixel side.
+
+    Filters: FFCV's INTER_AREA below half size (anti-aliasing matters there), bicubic from half size
+    up (and for upscaling). Measured here on a 500x375 -> 384x288 shrink: bicubic 0.65 ms and the
+    closest of cv2's filters to Lanczos; INTER_AREA at that fractional ratio 3.9 ms, and further from
+    it. JPEGs arrive already DCT-scaled to within 2x of the target (``_decode``), so most shrinks
+    take the fast filter.
+    """
+    import cv2
+
+    height, width = image.shape[:2]
+    ratio = max_side / max(height, width)
+    if ratio == 1 or (ratio > 1 and not upscale):
+        return np.ascontiguousarray(image)
+    size = (max(1, int(ratio * width)), max(1, int(ratio * height)))
+    image = cv2.resize(image, size, interpolation=cv2.INTER_AREA if ratio < 0.5 else cv2.INTER_CUBIC)
+    return np.ascontiguousarray(image)
+
+
+def _image(raw, cfg: WriteConfig) -> tuple[np.ndarray, int, int]:
+    """(JPEG bytes as uint8, height, width), encoded by FFCV's own ``encode_jpeg``."""
+    from ffcv.fields.rgb_image import encode_jpeg
+
+    if raw is None:
+        raise _Bad("missing image")
+    if isinstance(raw, np.ndarray):
+        image = raw if raw.ndim == 3 else np.repeat(raw[:, :, None], 3, axis=2)
+    else:
+        image = _decode(_read(raw, "image"), cfg.max_side)
+    image = _fit(image.astype(np.uint8, copy=False), cfg.max_side, cfg.upscale)
+    jpeg = encode_jpeg(image, cfg.jpeg_quality)
+    if jpeg.nbytes + (1 + EDA_VARIANTS) * CONTEXT_LENGTH * 4 > cfg.page_size:  # a sample fits one page
+        raise _Bad("image too large")
+    return jpeg, image.shape[0], image.shape[1]
+
+
+def _prepare_chunk(start: int, pairs: Sequence[Pair], cfg: WriteConfig) -> list:
+    """Per pair, in order: ``Skip`` or (jpeg, height, width, tokens [77], eda_tokens [4, 77])."""
+    from .eda import synonym_table
+    from .tokenizer import get_tokenizer
+
+    table, out, texts = synonym_table(), [], []
+    for position, pair in enumerate(pairs, start=start):
+        try:
+            caption = _caption(pair.caption)
+            jpeg = _image(pair.image, cfg)
+        except _Bad as bad:
+            out.append(Skip(pair.source, str(bad)))
+            continue
+        except Exception as err:  # unforeseen input: counted and named, never the end of the write
+            out.append(Skip(pair.source, f"failed ({type(err).__name__}: {err})"))
+            continue
+        out.append(jpeg)
+        texts += [caption, *eda_variants(caption, position, cfg.seed, table)]
+    tokens = get_tokenizer()(texts).numpy().astype(np.int32) if texts else None
+    tokens = tokens.reshape(-1, 1 + EDA_VARIANTS, CONTEXT_LENGTH) if texts else None
+    result, row = [], 0
+    for pair, item in zip(pairs, out):
+        if isinstance(item, Skip):
+            result.append(item)
+        elif tokens[row, 0, 2] == 0 and tokens[row, 0, 1] != 0:  # start, end, nothing: no words
+            result.append(Skip(pair.source, "empty caption"))
+            row += 1
+        else:
+            result.append((*item, tokens[row, 0], tokens[row, 1:]))
+            row += 1
+    return result
+
+
+def _worker_init(parent: int) -> None:
+    """Set up a worker of the process ``parent``: one cv2 thread, no Ctrl-C, death with the parent."""
+    _die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    import cv2
+
+    cv2.setNumThreads(1)  # parallelism comes from the processes
+
+
+def _die_with_parent(parent: int) -> None:
+    """End this process when ``parent`` ends, however it ends.
+
+    A writer killed outright (SIGKILL, the OOM killer) runs no cleanup; its workers would otherwise
+    wait on the task queue forever, since each holds the queue's pipe open for the others. On Linux
+    the kernel sends SIGKILL (``PR_SET_PDEATHSIG``) when the thread that forked the worker ends: the
+    pool starts all its workers from the thread that calls ``write_pairs``, which outlives the pool.
+    Elsewhere a daemon thread polls the parent id once a second.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+        if armed:
+            if os.getppid() != parent:  # the parent died before the signal was armed
+                os._exit(1)
+            return
+    threading.Thread(target=_watch_parent, args=(parent,), name="watch-parent", daemon=True).start()
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def _prepared(pairs: Sequence[Pair], cfg: WriteConfig, executor: ProcessPoolExecutor | None, window: int):
+    """``_prepare_chunk`` results pair by pair, in source order; at most ``window`` chunks in flight."""
+    size = max(1, cfg.chunk_size)
+    starts = iter(range(0, len(pairs), size))
+    if executor is None:
+        for start in starts:
+            yield from _prepare_chunk(start, pairs[start : start + size], cfg)
+        return
+    pending: collections.deque = collections.deque()
+
+    def submit() -> None:
+        start = next(starts, None)
+        if start is not None:
+            pending.append(executor.submit(_prepare_chunk, start, pairs[start : start + size], cfg))
+
+    for _ in range(window):
+        submit()
+    while pending:
+        results = pending.popleft().result()
+        submit()
+        yield from results
+
+
+def warm_up() -> None:
+    """Import FFCV (~10 s: numba) and build the tokenizer and WordNet table (~2 s), once per process.
+
+    Done before the clock starts, so ``pairs_per_s`` measures the data, not the imports."""
+    import ffcv.writer  # noqa: F401
+    from ffcv.fields import rgb_image  # noqa: F401
+
+    from .eda import synonym_table
+    from .tokenizer import get_tokenizer
+
+    get_tokenizer(), synonym_table()
+
+
+def _executor(cfg: WriteConfig, n_pairs: int) -> tuple[ProcessPoolExecutor | None, int]:
+    """(the worker pool, or None to work in this process; how many chunks to keep in flight)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = min(cfg.workers if cfg.workers > 0 else cores, math.ceil(n_pairs / max(1, cfg.chunk_size)))
+    if workers <= 1:
+        return None, 0
+    warm_up()  # before forking, so every worker shares it instead of building its own
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=(os.getpid(),))
+    try:
+        pool.submit(int).result()  # forks the workers now, before the output file is open
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    return pool, workers * _WINDOW_PER_WORKER
+
+
