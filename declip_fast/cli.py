@@ -97,7 +97,28 @@ def _add_train(sub) -> None:
     p.add_argument("config", nargs="?", default="demo", help="preset name or YAML file (default: demo)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the config")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--allow-config-change", action="append", default=[], metavar="KEY",
+                   help="resume even though KEY differs from the checkpoint's config (repeatable; 'all' "
+                   "for any). Checked keys: model, loss terms and queue, data.batch_size / image_size / "
+                   "beton / source / fraction, demo_data, world_size; without this flag such a resume is "
+                   "refused, naming the keys. Also the config key allow_config_change=[...]")
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of an error instead of its one-line message")
     p.set_defaults(func=_train)
+    p.epilog = ("Exit status: 0 done or preempted (SIGTERM); 1 the run failed (diverged, or most steps "
+                "skipped); 2 a config, file or machine problem, reported in one line (--debug: traceback).")
+
+
+def _fail(err: BaseException, debug: bool, status: int) -> int:
+    """One line on stderr (the traceback too with --debug); ``status`` is the exit status."""
+    from declip_fast.train.errors import one_line
+
+    if debug:
+        import traceback
+
+        traceback.print_exception(err)
+    print(f"error: {one_line(err)}", file=sys.stderr)
+    return status
 
 
 def _train(args, parser) -> int:
@@ -106,19 +127,34 @@ def _train(args, parser) -> int:
     import yaml
 
     from declip_fast.train.config import load_config, to_dict
+    from declip_fast.train.errors import RunFailed, UserError
+    from declip_fast.train.validate import check_values
 
     try:
         config = load_config(args.config, args.overrides)
+        if args.allow_config_change:
+            config.allow_config_change += tuple(args.allow_config_change)
+            check_values(config)
     except (ValueError, FileNotFoundError, TypeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return _fail(err, args.debug, 2)
     if args.print_config:
         print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from declip_fast.train.trainer import train
+    from declip_fast.train.trainer import Trainer
 
-    summary = train(config)
+    try:  # errors before the first step are the config's, the files' or the machine's
+        trainer = Trainer(config).build()
+    except (UserError, ValueError, FileNotFoundError, NotADirectoryError, ImportError) as err:
+        return _fail(err, args.debug, 2)
+    try:
+        summary = trainer.train()
+    except UserError as err:
+        return _fail(err, args.debug, 2)
+    except RunFailed as err:
+        return _fail(err, args.debug, 1)
+    finally:
+        trainer.close()
     results = summary.get("zeroshot")
     line = f"{summary['status']}: {summary['steps']} steps ({summary['skipped_steps']} skipped) in {config.run_dir}"
     if results:

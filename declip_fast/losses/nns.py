@@ -16,6 +16,12 @@ Where this differs from the original code, and why:
   by construction: deciding whether the queue is ready, or where to write, never syncs a GPU.
 - The neighbours of one step are looked up in one call (all text views stacked) and gathered in
   one collective: the bank is read once per step, whatever the number of text views.
+- A batch with a non-finite value is never enqueued (``FeatureQueue.enqueue`` refuses it, checking
+  the gathered rows so that every rank decides alike): one NaN row would be every query's
+  neighbour-to-be or poison the scores for ``queue_size / B`` steps after a single skipped step.
+  ``NNSLoss`` then returns a NaN loss (also while the queue fills), so the step is non-finite
+  and a trainer that skips non-finite steps skips it. The check reads one boolean from the
+  device per step (a sync the trainer's own finiteness check makes anyway).
 
 Conventions shared with :class:`~declip_fast.losses.clip.ClipLoss`: ``logit_scale`` is the
 multiplier itself (exp of the learned parameter, as OpenCLIP passes it), and image features are
@@ -105,8 +111,9 @@ class FeatureQueue(nn.Module):
             )
 
     @torch.no_grad()
-    def enqueue(self, features: torch.Tensor, gather: bool = False, group=None) -> None:
-        """Append ``features`` [B, dim] (normalized, detached, in the queue's dtype).
+    def enqueue(self, features: torch.Tensor, gather: bool = False, group=None) -> bool:
+        """Append ``features`` [B, dim] (normalized, detached, in the queue's dtype); returns
+        False, changing nothing, when a value (of any rank's rows, with ``gather``) is not finite.
 
         With ``gather=True`` and a distributed world of more than one rank, every rank's batch
         is all-gathered first (one collective) and the global batch is enqueued in rank order,
@@ -119,7 +126,10 @@ class FeatureQueue(nn.Module):
             from declip_fast.distributed.collectives import all_gather_no_grad
 
             rows = all_gather_no_grad(rows, group)
+        if not bool(torch.isfinite(rows).all()):
+            return False
         self._write(rows)
+        return True
 
     def _write(self, rows: torch.Tensor) -> None:
         n, size = rows.shape[0], self.size
@@ -261,7 +271,8 @@ class NNSLoss(nn.Module):
         queue spans queue_size / N past steps (enqueueing every view would store near-duplicates
         of each caption and halve that history); a tensor enqueues that instead (e.g. another
         view; with world_size > 1 every rank must pass the same number of rows, as they are
-        all-gathered); ``False`` skips the update.
+        all-gathered); ``False`` skips the update. Rows with a non-finite value are not enqueued
+        and the returned loss is NaN (module docstring).
         """
         b, d = check_views(image_views, text_views)
         scale = _as_scalar("logit_scale", logit_scale, image_views[0])
@@ -271,8 +282,10 @@ class NNSLoss(nn.Module):
             queue.check(to_enqueue, "enqueue")
         ready = len(queue) >= min(b * self.world_size, queue.size)
         loss = self._loss(queue, image_views, text_views, scale) if ready else None
-        if to_enqueue is not None:
-            queue.enqueue(to_enqueue, gather=self.world_size > 1, group=self.group)
+        if to_enqueue is not None and not queue.enqueue(to_enqueue, gather=self.world_size > 1,
+                                                        group=self.group):
+            nan = torch.full((), float("nan"), device=image_views[0].device)
+            loss = nan if loss is None else loss + nan
         return loss
 
     @staticmethod

@@ -5,11 +5,12 @@ A checkpoint is one folder, ``run_dir/checkpoints/step_XXXXXXXX/``::
     .metadata, __{rank}_0.distcp   torch.distributed.checkpoint: model + optimizer (sharded)
     state.pt                       rank 0, torch.save: step, world size, scheduler, ``extra``
     rng_rank{r}.pt                 rank r, torch.save: torch CPU / CUDA, numpy, python RNG
+    MANIFEST.json                  rank 0: sha256 and size of every file above (``manifest``)
     COMPLETE                       rank 0, written last: JSON {"step", "world_size"}
 
 Atomicity: everything is written into ``step_XXXXXXXX.tmp/`` (every file fsynced; DCP's
 ``FileSystemWriter`` fsyncs its own), and only after every rank has finished does rank 0 write
-``COMPLETE``, ``os.replace`` the folder to its final name and fsync the parent folder. Only a
+the manifest of checksums, then ``COMPLETE``, ``os.replace`` the folder to its final name and fsync the parent folder. Only a
 folder whose name is exactly ``step_<digits>`` *and* that holds ``COMPLETE`` is a checkpoint, so
 a crash at any point leaves the previous checkpoint as the newest one. Stale ``.tmp`` folders
 are removed by the next successful save.
@@ -59,6 +60,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_state_dict,
 )
+
+from declip_fast.train import manifest
+from declip_fast.train.manifest import MANIFEST, CheckpointDamaged
+
+__all__ = ["COMPLETE", "MANIFEST", "STATE_FILE", "CheckpointDamaged", "Checkpointer", "check_complete",
+           "load_model_for_eval", "rng_state", "set_rng_state", "step_of"]
 
 COMPLETE = "COMPLETE"
 STATE_FILE = "state.pt"
@@ -203,7 +210,7 @@ def check_complete(path: str | os.PathLike) -> Path:
             f"checkpoint {path} is not a checkpoint folder{hint}: expected a folder named "
             "step_XXXXXXXX under run_dir/checkpoints (or resume=auto for the newest)"
         )
-    missing = [n for n in (COMPLETE, ".metadata", STATE_FILE) if not (path / n).is_file()]
+    missing = [n for n in (COMPLETE, ".metadata", STATE_FILE, MANIFEST) if not (path / n).is_file()]
     if missing:
         raise ValueError(
             f"checkpoint {path} is incomplete: missing {', '.join(missing)} "
@@ -247,6 +254,30 @@ class Checkpointer:
         if resume == "auto":
             return self.latest()
         return check_complete(resume)
+
+    def verify(self, path: str | os.PathLike) -> Path:
+        """``path`` if it is complete and its files match their checksums, else
+        :class:`CheckpointDamaged` on every rank (collective: rank 0 reads the files)."""
+        error = None
+        if _rank() == 0:
+            try:
+                check_complete(path)
+                manifest.verify(path)
+            except (ValueError, FileNotFoundError) as exc:
+                error = " ".join(str(exc).split())
+        if _distributed():
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            raise CheckpointDamaged(error)
+        return Path(path)
+
+    @staticmethod
+    def read_state(path: str | os.PathLike) -> dict:
+        """The trainer state of checkpoint ``path`` (step, world size, ``extra``) without loading
+        any weights: what a resuming trainer compares its config with."""
+        return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True)
 
     # ------------------------------------------------------------------------- save
 
@@ -331,6 +362,7 @@ class Checkpointer:
 
 def _finalize(tmp: Path, final: Path, step: int) -> None:
     """Rank 0: mark ``tmp`` complete, then move it to ``final`` atomically."""
+    _write_file(tmp / MANIFEST, manifest.manifest_bytes(tmp))
     _write_file(tmp / COMPLETE, json.dumps({"step": step, "world_size": _world()}).encode())
     _fsync_dir(tmp)
     if final.exists():  # re-saving a step: never leave a moment without a complete copy
@@ -358,6 +390,7 @@ def load_model_for_eval(path_or_run_dir: str | os.PathLike, model) -> Path:
             )
         path = found
     path = check_complete(path)
+    manifest.verify(path)
     target = {"model": get_model_state_dict(model)}
     with _single_process_is_intended():
         dcp.load(target, storage_reader=dcp.FileSystemReader(str(path)), no_dist=True)

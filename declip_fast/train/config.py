@@ -7,12 +7,18 @@ returns a :class:`TrainConfig`. Every key must exist: an unknown one fails at on
 dotted name and the keys that do exist at that level. Sections:
 
 - top level: ``run_dir``, ``steps``, ``checkpoint_every``, ``resume`` (``auto`` | ``never`` | a
-  checkpoint path), ``seed`` and the run's switches (device, precision, logging, stability);
+  checkpoint path), ``allow_config_change`` (keys a resume may change, see
+  ``declip_fast.train.validate.RESUME_KEYS``), ``seed`` and the run's switches (device,
+  precision, logging, stability);
 - ``model``: :class:`ModelConfig` (a preset of ``declip_fast.models.presets`` plus overrides);
 - ``loss``: ``declip_fast.losses.DeCLIPLossConfig`` (term weights, queue size), or a preset name;
 - ``data``: ``declip_fast.data.loader.DataConfig``;
 - ``optim``: ``declip_fast.train.optim.OptimConfig``;
 - ``eval``: :class:`EvalConfig` (zero-shot at the end of training).
+
+Values are checked here, with the dotted key in every message (``declip_fast.train.validate``):
+finite numbers in range, exclusive keys, a known model preset; the checks that need the machine
+or the data files come later, before training.
 
 The resolved config is written to ``run_dir/config.yaml``; it loads back to the same config.
 """
@@ -31,7 +37,9 @@ from declip_fast.atomic import atomic_write
 from declip_fast.data.loader import DataConfig
 from declip_fast.losses.declip import PRESETS as LOSS_PRESETS
 from declip_fast.losses.declip import DeCLIPLossConfig
+from declip_fast.train.errors import ConfigError
 from declip_fast.train.optim import OptimConfig
+from declip_fast.train.validate import check_values
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the repository's presets
 
@@ -68,6 +76,7 @@ class TrainConfig:
     plot: bool = True  # PNG of the loss curves (and zero-shot accuracy) at the end
     max_bad_steps: int = 5  # non-finite steps in a row before rolling back to the last checkpoint
     max_rollbacks: int = 3  # then give up with an error
+    allow_config_change: tuple[str, ...] = ()  # keys a resume may change ("all": any); else refused
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: DeCLIPLossConfig = field(default_factory=DeCLIPLossConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -84,6 +93,9 @@ class TrainConfig:
             raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
         if not isinstance(self.resume, str) or not self.resume:
             raise ValueError(f"resume must be auto, never or a checkpoint path, got {self.resume!r}")
+        if isinstance(self.allow_config_change, str):
+            self.allow_config_change = (self.allow_config_change,)
+        self.allow_config_change = tuple(str(k) for k in self.allow_config_change or ())
 
 
 # --------------------------------------------------------------------------- dict <-> dataclass
@@ -109,7 +121,14 @@ def from_dict(cls, values: dict, prefix: str = ""):
         else:
             value = _coerce(hints[name], value, prefix + name)
         kwargs[name] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:  # a section's own check: say which section
+        section = prefix.rstrip(".")
+        named = not section or str(err).startswith(section + ".")
+        raise ConfigError(str(err) if named else f"{section}: {err}") from None
 
 
 def _coerce(hint, value, key: str):
@@ -123,7 +142,7 @@ def _coerce(hint, value, key: str):
         number = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"{key}: expected a number, got {value!r}") from None
-    if kind is int and not number.is_integer():
+    if kind is int and not number.is_integer():  # nan and inf included
         raise ValueError(f"{key}: expected an integer, got {value!r}")
     return kind(number)
 
@@ -197,7 +216,9 @@ def load_config(name_or_path: str | os.PathLike, overrides: typing.Sequence[str]
         raise ValueError(f"{path}: not valid YAML ({err})") from err
     for text in overrides:
         apply_override(values, text)
-    return from_dict(TrainConfig, values)
+    config = from_dict(TrainConfig, values)
+    check_values(config)
+    return config
 
 
 def save_config(config: TrainConfig, path: str | os.PathLike) -> None:

@@ -3,7 +3,8 @@ PNG of the loss curves and zero-shot accuracy. Only rank 0 writes.
 
 The CSV's columns are fixed when the run starts (:data:`COLUMNS` plus one per loss term), so
 rows stay aligned when a term (NNS, while its queue fills) is absent: its cell is empty. On
-resume the rows after the checkpoint's step are dropped (those steps run again). TensorBoard and
+resume, and when a diverging run rolls back to a checkpoint, the rows after the checkpoint's step
+are dropped (those steps run again), so every step has one row. TensorBoard and
 matplotlib are optional (``pip install 'declip-fast[train]'``): without them the run says so once
 and goes on with the CSV.
 """
@@ -30,8 +31,12 @@ class MetricsLogger:
         self.path = Path(run_dir) / "metrics.csv"
         self.columns = ["step", *terms, *COLUMNS[1:]]
         self._writer = None
-        if not enabled:
-            return
+        self._run_dir, self._tensorboard = Path(run_dir), tensorboard
+        if enabled:
+            self._open(resume_step)
+
+    def _open(self, resume_step: int) -> None:
+        """(Re)write the CSV with the rows up to ``resume_step`` and open it for appending."""
         kept = _rows_up_to(self.path, resume_step, self.columns) if resume_step else []
 
         def rewrite(tmp: Path) -> None:
@@ -42,13 +47,22 @@ class MetricsLogger:
         atomic_write(self.path, rewrite)
         self._file = open(self.path, "a", newline="")
         self._csv = csv.DictWriter(self._file, self.columns, extrasaction="ignore")
-        if tensorboard:
+        if self._tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except Exception as err:  # ImportError, or a broken tensorboard install
                 log.warning("TensorBoard logging off (%s); pip install 'declip-fast[train]'", err)
+                self._tensorboard = False
             else:
-                self._writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1)
+                self._writer = SummaryWriter(str(self._run_dir / "tensorboard"), purge_step=resume_step + 1)
+
+    def truncate(self, step: int) -> None:
+        """Drop the rows (and TensorBoard points) after ``step``: the run went back to it."""
+        if not self.enabled:
+            return
+        self.close()
+        self._writer = None
+        self._open(step)
 
     def log(self, step: int, values: dict) -> None:
         if not self.enabled:

@@ -42,13 +42,29 @@ class OptimConfig:
     logit_scale_max: float = math.log(100.0)
 
     def __post_init__(self):
+        from declip_fast.train.validate import check_number
+
         if self.name not in ("adamw", "lamb"):
             raise ValueError(f"optim.name must be adamw or lamb, got {self.name!r}")
-        if self.lr <= 0 or self.warmup_steps < 0 or not 0 <= self.warmup_start <= 1:
-            raise ValueError(f"need lr > 0, warmup_steps >= 0, 0 <= warmup_start <= 1; got {self.lr}, "
-                             f"{self.warmup_steps}, {self.warmup_start}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ValueError(f"grad_clip must be positive or null, got {self.grad_clip}")
+        check_number("optim.lr", self.lr, low=0, low_open=True)
+        check_number("optim.eps", self.eps, low=0, low_open=True)
+        check_number("optim.weight_decay", self.weight_decay, low=0)
+        check_number("optim.warmup_steps", self.warmup_steps, low=0)
+        check_number("optim.warmup_start", self.warmup_start, low=0, high=1)
+        check_number("optim.final_lr_ratio", self.final_lr_ratio, low=0)
+        if self.decay_steps is not None:
+            check_number("optim.decay_steps", self.decay_steps, low=1)
+        if self.grad_clip is not None:
+            check_number("optim.grad_clip", self.grad_clip, low=0, low_open=True)
+        if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
+            raise ValueError(f"optim.betas must be two numbers [beta1, beta2], got {self.betas!r}")
+        for i, beta in enumerate(self.betas):
+            check_number(f"optim.betas[{i}]", beta, low=0, high=1, high_open=True)
+        check_number("optim.logit_scale_min", self.logit_scale_min)
+        check_number("optim.logit_scale_max", self.logit_scale_max)
+        if self.logit_scale_min > self.logit_scale_max:
+            raise ValueError(f"optim.logit_scale_min {self.logit_scale_min} is above optim.logit_scale_max "
+                             f"{self.logit_scale_max}")
         self.betas = tuple(float(b) for b in self.betas)
 
 

@@ -1,7 +1,7 @@
 """The trainer: one class that builds the run, steps it, checkpoints it and evaluates it.
 
 ``train(config)`` is the whole entry point; :class:`Trainer` has ``build`` / ``step`` / ``train``
-/ ``close`` (DESIGN 8). Launch: one process (CPU laptop, one GPU), or ``torchrun`` (the process
+/ ``close``. Launch: one process (CPU laptop, one GPU), or ``torchrun`` (the process
 group comes from its environment: NCCL on GPUs, gloo on CPUs), where the model is sharded with
 FSDP2 (``declip_fast.distributed.fsdp``) and SimSiam's batch norms see the global batch.
 
@@ -11,7 +11,10 @@ gradient norm (clipped when ``optim.grad_clip``), then either the optimizer step
 and the logit-scale clamp, or, when the loss or the gradient norm is not finite on any rank, no
 update at all: the step is counted in ``skipped_steps``. ``max_bad_steps`` such steps in a row
 roll the run back to its last checkpoint (at most ``max_rollbacks`` times), as the original
-DeCLIP code had to.
+DeCLIP code had to; then, or when most steps were skipped, the run fails with
+:class:`~declip_fast.train.errors.RunFailed` instead of reporting success. Checkpoints are only
+written after a finite step, the run folder is locked by one process, and resuming checks the
+checkpoint's checksums and config (``declip_fast.train.recovery``).
 
 State in a checkpoint (``declip_fast.train.checkpoint``): model, optimizer, schedule, step,
 the loss module's state (the NNS queue), the loader position (epoch, batch) and RNG states, so a
@@ -43,8 +46,11 @@ from declip_fast.losses.declip import DeCLIPLoss
 from declip_fast.models import presets
 from declip_fast.train.checkpoint import Checkpointer
 from declip_fast.train.config import TrainConfig, save_config
+from declip_fast.train.errors import ConfigError
+from declip_fast.train.recovery import RecoveryMixin
 from declip_fast.train.metrics import MetricsLogger, model_flops_per_sample, peak_flops, plot_run
 from declip_fast.train.optim import build_optimizer, build_scheduler, clamp_logit_scale
+from declip_fast.train.validate import check_run
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +70,11 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was asked for, but no CUDA device is available (use device=cpu)")
+        raise ConfigError("device=cuda, but no CUDA device is available here: set device=cpu (or device=auto)")
     return torch.device(name)
 
 
-class Trainer:
+class Trainer(RecoveryMixin):
     def __init__(self, config: TrainConfig):
         self.config = config
         self.step_count = 0
@@ -77,6 +83,7 @@ class Trainer:
         self.skipped = 0
         self.bad_in_a_row = 0
         self.rollbacks = 0
+        self._steps_run = self._steps_skipped_here = 0  # in this process, for the final verdict
         self._stop_signal = None
         self._previous_handler = None
         self.loader = None
@@ -85,26 +92,37 @@ class Trainer:
     # ----------------------------------------------------------------------------------- build
 
     def build(self) -> Trainer:
+        """Check the config against the machine and files, lock the run folder, build, resume.
+        Nothing in the run folder changes before the lock is held and the resume is accepted."""
         cfg = self.config
+        check_run(cfg)
         self.device = _device(cfg.device)
         self.rank, self.world = _init_distributed(self.device)
         if self.device.type == "cuda" and self.world > 1:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.run_dir = Path(cfg.run_dir)
+        self._lock_run_folder()
+        try:
+            self._build_locked()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _build_locked(self) -> None:
+        cfg = self.config
         if self.rank == 0:
             (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
         self._build_model()
         self._build_optimizer()
         self.checkpointer = Checkpointer(self.run_dir)
-        resumed = self.checkpointer.resolve(cfg.resume)
-        if resumed is not None:
-            self._load(resumed)
+        self._resume()
+        if self.rank == 0:
+            save_config(cfg, self.run_dir / "config.yaml")
         if cfg.data.beton is not None or cfg.data.source is not None or cfg.demo_data:
             self._build_loader()
         self.metrics = MetricsLogger(self.run_dir, self.terms, enabled=self.rank == 0,
                                      tensorboard=cfg.tensorboard, resume_step=self.step_count)
-        return self
 
     def _build_model(self) -> None:
         cfg = self.config
@@ -176,12 +194,14 @@ class Trainer:
             dist.all_reduce(bad)
             finite = bad == 0
         ok = bool(finite)
+        self._steps_run += 1
         if ok:
             self.optimizer.step()
             clamp_logit_scale(self.model, self.config.optim)
             self.bad_in_a_row = 0
         else:
             self.skipped += 1
+            self._steps_skipped_here += 1
             self.bad_in_a_row += 1
             log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)",
                         self.step_count + 1, self.bad_in_a_row)
@@ -216,7 +236,7 @@ class Trainer:
     def train(self) -> dict:
         """Run to ``config.steps``; returns a summary (steps, skipped, zero-shot results)."""
         if self.loader is None:
-            raise ValueError("no training data: set data.beton or data.source (or demo_data)")
+            raise ConfigError("no training data: set data.beton or data.source (or demo_data)")
         cfg = self.config
         self._install_sigterm()
         progress = self._progress()
@@ -242,16 +262,17 @@ class Trainer:
                     progress.set_postfix(loss=f"{values['total']:.4f}", img_s=f"{rate:.0f}")
             if self.bad_in_a_row >= cfg.max_bad_steps:
                 self._roll_back()
+                if progress is not None:
+                    progress.n = self.step_count
                 continue
-            if self.step_count % cfg.checkpoint_every == 0 or self.step_count == cfg.steps:
-                self.save()
+            self._save_if_sound(self.step_count % cfg.checkpoint_every == 0 or self.step_count == cfg.steps)
             if self._stop_requested():
-                if self.step_count % cfg.checkpoint_every and self.step_count != cfg.steps:
-                    self.save()
+                self._save_if_sound(True)
                 status = "preempted"
                 break
         if progress is not None:
             progress.close()
+        self._check_mostly_skipped()
         summary = {"status": status, "steps": self.step_count, "skipped_steps": self.skipped,
                    "rollbacks": self.rollbacks}
         if status == "done":
@@ -274,32 +295,6 @@ class Trainer:
             return None
         return tqdm(total=self.config.steps, initial=self.step_count, desc="train", unit="step",
                     dynamic_ncols=True)
-
-    def _roll_back(self) -> None:
-        path = self.checkpointer.latest()
-        self.rollbacks += 1
-        if path is None or self.rollbacks > self.config.max_rollbacks:
-            why = "no checkpoint to roll back to" if path is None else f"{self.rollbacks - 1} roll-backs already"
-            raise RuntimeError(f"{self.bad_in_a_row} non-finite steps in a row at step {self.step_count} "
-                               f"and {why}: the run is diverging (lower optim.lr, set optim.grad_clip)")
-        log.warning("rolling back to %s after %d non-finite steps in a row", path, self.bad_in_a_row)
-        self._load(path)
-        self.bad_in_a_row = 0
-
-    # ------------------------------------------------------------------------------ checkpoint
-
-    def save(self) -> None:
-        extra = {"step": self.step_count, "epoch": self.epoch, "batch": self.batch_in_epoch,
-                 "skipped": self.skipped, "rollbacks": self.rollbacks, "loss": self.loss_fn.state_dict()}
-        self.checkpointer.save(self.step_count, self.model, self.optimizer, self.scheduler, extra=extra)
-
-    def _load(self, path) -> None:
-        extra = self.checkpointer.load(path, self.model, self.optimizer, self.scheduler)
-        self.loss_fn.load_state_dict(extra["loss"])
-        self.step_count, self.epoch, self.batch_in_epoch = extra["step"], extra["epoch"], extra["batch"]
-        self.skipped, self.rollbacks = extra["skipped"], max(self.rollbacks, extra["rollbacks"])
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step_count, self.epoch,
-                 self.batch_in_epoch)
 
     def _install_sigterm(self) -> None:
         def handler(signum, frame):
@@ -337,6 +332,8 @@ class Trainer:
     def close(self) -> None:
         if self.metrics is not None:
             self.metrics.close()
+            self.metrics = None
+        self._release_lock()
         if self._previous_handler is not None:
             signal.signal(signal.SIGTERM, self._previous_handler)
             self._previous_handler = None

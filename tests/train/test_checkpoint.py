@@ -311,7 +311,7 @@ def test_fsdp2_resume_reproduces_losses(tmp_path):
     path = run_dir / "checkpoints" / "step_00000003"
     assert sorted(p.name for p in path.iterdir()) == sorted(
         [".metadata", "__0_0.distcp", "__1_0.distcp", "state.pt", "rng_rank0.pt",
-         "rng_rank1.pt", "COMPLETE"])
+         "rng_rank1.pt", "MANIFEST.json", "COMPLETE"])
     assert not torch.equal(trained[0]["losses"][0], trained[1]["losses"][0])  # ranks differ
     for rank in range(WORLD):
         assert resumed[rank]["extra"]["loader"] == {"epoch": 0, "batch": 6}

@@ -1,0 +1,88 @@
+"""Shared set-up of the reliability tests: short runs on the demo data (through the real CLI)
+or on synthetic batches (the Trainer alone, no loader), and a helper that calls the CLI in this
+process and returns (exit status, stderr lines)."""
+
+import math
+
+import pytest
+import torch
+
+from declip_fast import cli
+from declip_fast.data import masking
+from declip_fast.train.config import load_config
+
+BATCH = 8
+QUIET = ["progress=false", "tensorboard=false", "plot=false", "eval.data=null"]
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory):
+    from declip_fast.data.demo import ensure_demo_data
+
+    out = tmp_path_factory.mktemp("demo")
+    ensure_demo_data(out, train_size=256, test_size=32, workers=1)
+    return out
+
+
+def demo_args(run_dir, demo_dir, *extra) -> list[str]:
+    """``declip-fast train demo`` on the small demo data: 16-image batches, tiny queue."""
+    return ["train", "demo", f"run_dir={run_dir}", f"demo_data={demo_dir}", "data.batch_size=16",
+            "data.num_workers=1", "loss.queue_size=32", *QUIET, *extra]
+
+
+def run_cli(capsys, argv) -> tuple[int, list[str]]:
+    """``declip-fast ARGV`` in this process: (exit status, stderr lines other than log lines)."""
+    capsys.readouterr()
+    status = cli.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    return status, [line for line in err.splitlines() if line.strip()]
+
+
+def trainer_config(run_dir, *extra):
+    """A data-less run (the Trainer is fed synthetic batches): builds in about a second."""
+    return load_config("demo", [f"run_dir={run_dir}", "demo_data=null", *QUIET, "loss.queue_size=16",
+                                "optim.warmup_steps=2", "steps=20", "checkpoint_every=1000", *extra])
+
+
+def synthetic_batch(step: int) -> dict:
+    """A deterministic batch of the loader's contract: token rows (SOT, words, EOT), MLM masking."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    tokens = torch.zeros(BATCH, 77, dtype=torch.long)
+    for i in range(BATCH):
+        n = 4 + i % 5
+        tokens[i, 0], tokens[i, n + 1] = 49406, 49407
+        tokens[i, 1 : n + 1] = torch.randint(300, 40000, (n,), generator=gen)
+    masked, targets = masking.mask_tokens(tokens, gen)
+    return {"images_1": torch.randn(BATCH, 3, 32, 32, generator=gen),
+            "images_2": torch.randn(BATCH, 3, 32, 32, generator=gen),
+            "text_1": masked, "mlm_targets": targets, "text_2": tokens.roll(1, dims=1),
+            "index": torch.arange(BATCH)}
+
+
+class SyntheticLoader:
+    """Stands in for the data loader in ``Trainer.train``: 4 synthetic batches per epoch."""
+
+    def __init__(self):
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start = epoch, start_batch
+
+    def __iter__(self):
+        for b in range(self.start, 4):
+            yield synthetic_batch(self.epoch * 4 + b)
+
+
+def poison_calls(trainer, is_bad):
+    """Make the loss NaN on the loss calls (1-based) for which ``is_bad(call)``, as a diverging
+    run would (counted in calls, so a step run again after a roll-back is a new call)."""
+    forward, calls = trainer.loss_fn.forward, [0]
+
+    def poisoned(features):
+        losses = forward(features)
+        calls[0] += 1
+        if is_bad(calls[0]):
+            losses["total"] = losses["total"] * math.nan
+        return losses
+
+    trainer.loss_fn.forward = poisoned
