@@ -36,6 +36,8 @@ import contextlib
 import torch
 from torch.autograd.function import once_differentiable
 
+from declip_fast.kernels import cpu_threads
+
 # Elements of one logits tile; 2**21 float32 = 8 MiB. Columns per tile are capped so that very
 # large N still gets bounded tiles; rows per tile follow from the width.
 TILE_ELEMENTS = 1 << 21
@@ -114,25 +116,36 @@ def _forward(q, k, scale, offset, symmetric, block):
     row_m = torch.empty(rows, dtype=cdt, device=q.device)
     row_s = torch.empty(rows, dtype=cdt, device=q.device)
     pos = torch.empty(rows, dtype=cdt, device=q.device)
-    col_m = torch.full((cols,), float("-inf"), dtype=cdt, device=q.device)
-    col_s = torch.zeros(cols, dtype=cdt, device=q.device)
-    for r0, r1 in _spans(rows, row_block):
-        r_m = torch.full((r1 - r0,), float("-inf"), dtype=cdt, device=q.device)
-        r_s = torch.zeros(r1 - r0, dtype=cdt, device=q.device)
-        for c0, c1 in _spans(cols, col_block):
-            x = torch.mm(qc[r0:r1], kc[c0:c1].T).mul_(s)
-            # Positives in this tile: rows i with offset + i in [c0, c1), on one diagonal.
-            lo, hi = max(r0, c0 - offset), min(r1, c1 - offset)
-            if lo < hi:
-                pos[lo:hi] = x[lo - r0 : hi - r0, lo + offset - c0 : hi + offset - c0].diagonal()
-            t_m = x.amax(dim=1)
-            r_m, r_s = _merge(r_m, r_s, t_m, (x - t_m[:, None]).exp_().sum(dim=1))
-            if symmetric:
-                t_m = x.amax(dim=0)
-                col_m[c0:c1], col_s[c0:c1] = _merge(
-                    col_m[c0:c1], col_s[c0:c1], t_m, (x - t_m[None, :]).exp_().sum(dim=0)
-                )
-        row_m[r0:r1], row_s[r0:r1] = r_m, r_s
+
+    def run(spans):
+        """Row statistics and positives of ``spans`` (disjoint rows), and this worker's column
+        statistics over them."""
+        c_m = torch.full((cols,), float("-inf"), dtype=cdt, device=q.device)
+        c_s = torch.zeros(cols, dtype=cdt, device=q.device)
+        for r0, r1 in spans:
+            r_m = torch.full((r1 - r0,), float("-inf"), dtype=cdt, device=q.device)
+            r_s = torch.zeros(r1 - r0, dtype=cdt, device=q.device)
+            for c0, c1 in _spans(cols, col_block):
+                x = torch.mm(qc[r0:r1], kc[c0:c1].T).mul_(s)
+                # Positives in this tile: rows i with offset + i in [c0, c1), on one diagonal.
+                lo, hi = max(r0, c0 - offset), min(r1, c1 - offset)
+                if lo < hi:
+                    pos[lo:hi] = x[lo - r0 : hi - r0, lo + offset - c0 : hi + offset - c0].diagonal()
+                t_m = x.amax(dim=1)
+                r_m, r_s = _merge(r_m, r_s, t_m, (x - t_m[:, None]).exp_().sum(dim=1))
+                if symmetric:
+                    t_m = x.amax(dim=0)
+                    c_m[c0:c1], c_s[c0:c1] = _merge(
+                        c_m[c0:c1], c_s[c0:c1], t_m, (x - t_m[None, :]).exp_().sum(dim=0)
+                    )
+            row_m[r0:r1], row_s[r0:r1] = r_m, r_s
+        return c_m, c_s
+
+    spans = list(_spans(rows, row_block))
+    parts = cpu_threads.run_parts(run, cpu_threads.split(spans, cpu_threads.workers_for(q.device, len(spans))))
+    col_m, col_s = parts[0]
+    for other in parts[1:]:  # in worker order: the same bits every run
+        col_m, col_s = _merge(col_m, col_s, *other)
 
     # Per row (max - positive) first: exact when the positive is the max, as a confident
     # model's is; the log of the sum is then a small number kept to full precision.
@@ -163,17 +176,27 @@ def _backward(ctx, grad_loss):
     # gradient (gathered features without gather_with_grad), a quarter of the backward FLOPs.
     want_dk = ctx.needs_input_grad[1]
     dq = torch.zeros_like(qc)
-    dk = torch.zeros_like(kc) if want_dk else None
-    for r0, r1 in _spans(rows, row_block):
-        for c0, c1 in _spans(cols, col_block):
-            x = torch.mm(qc[r0:r1], kc[c0:c1].T).mul_(s)
-            dx = (x - row_lse[r0:r1, None]).exp_()
-            if symmetric:
-                dx.add_((x.sub_(col_lse[None, c0:c1])).exp_())
-            dx.mul_(w)
-            dq[r0:r1].addmm_(dx, kc[c0:c1])
-            if want_dk:
-                dk[c0:c1].addmm_(dx.T, qc[r0:r1])
+
+    def run(spans):
+        """dq of ``spans`` (disjoint rows) in place; this worker's share of dk."""
+        dk = torch.zeros_like(kc) if want_dk else None
+        for r0, r1 in spans:
+            for c0, c1 in _spans(cols, col_block):
+                x = torch.mm(qc[r0:r1], kc[c0:c1].T).mul_(s)
+                dx = (x - row_lse[r0:r1, None]).exp_()
+                if symmetric:
+                    dx.add_((x.sub_(col_lse[None, c0:c1])).exp_())
+                dx.mul_(w)
+                dq[r0:r1].addmm_(dx, kc[c0:c1])
+                if want_dk:
+                    dk[c0:c1].addmm_(dx.T, qc[r0:r1])
+        return dk
+
+    spans = list(_spans(rows, row_block))
+    parts = cpu_threads.run_parts(run, cpu_threads.split(spans, cpu_threads.workers_for(q.device, len(spans))))
+    dk = parts[0]
+    for other in parts[1:] if want_dk else ():  # in worker order: the same bits every run
+        dk.add_(other)
     # dq holds dX @ k (unscaled), so <q, dq> summed is sum(dX * q @ k.T) = d loss / d s.
     ds = (qc * dq).sum()
     # Positives: every row (and, symmetric, every column) subtracts X[i, offset + i]
@@ -272,14 +295,25 @@ def _nn_lookup(queries: torch.Tensor, bank: torch.Tensor, m: int):
     compute = _compute_dtype(queries.dtype)
     q = queries.detach().to(compute)
     chunk = max(MIN_LOOKUP_CHUNK, LOOKUP_CHUNK_ELEMENTS // max(1, q.shape[0]))
-    best = torch.full((q.shape[0],), float("-inf"), dtype=compute, device=q.device)
-    index = torch.zeros(q.shape[0], dtype=torch.int64, device=q.device)
-    for start in range(0, m, chunk):
-        stop = min(m, start + chunk)
-        scores = q @ bank[start:stop].detach().to(compute).T
-        top, arg = scores.max(dim=1)  # the first maximum within the chunk
-        del scores  # before the next chunk's product: one chunk of scores alive at a time
-        better = top > best
+
+    def run(starts):
+        best = torch.full((q.shape[0],), float("-inf"), dtype=compute, device=q.device)
+        index = torch.zeros(q.shape[0], dtype=torch.int64, device=q.device)
+        for start in starts:
+            stop = min(m, start + chunk)
+            scores = q @ bank[start:stop].detach().to(compute).T
+            top, arg = scores.max(dim=1)  # the first maximum within the chunk
+            del scores  # before the next chunk's product: one chunk of scores alive at a time
+            better = top > best  # chunks in increasing order: ties keep the lowest index
+            best = torch.where(better, top, best)
+            index = torch.where(better, arg + start, index)
+        return best, index
+
+    starts = list(range(0, m, chunk))
+    parts = cpu_threads.run_parts(run, cpu_threads.split(starts, cpu_threads.workers_for(q.device, len(starts))))
+    best, index = parts[0]
+    for top, arg in parts[1:]:  # workers' chunks interleave: break ties by index explicitly
+        better = (top > best) | ((top == best) & (arg < index))
         best = torch.where(better, top, best)
-        index = torch.where(better, arg + start, index)
+        index = torch.where(better, arg, index)
     return best.to(torch.float32), index

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from declip_fast.kernels import cpu_threads
+
 IGNORE_INDEX = -100
 
 
@@ -116,20 +118,45 @@ def _forward(x, weight, bias, targets, ignore_index, mean, tile, need):
         row_scale = row_scale / valid.sum().clamp(min=1)
     safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
     _check_range(safe_targets, v, ignore_index)
-    need_x, need_w, need_b = need[0], need[1], need[2] and bias is not None
-    any_grad = need_x or need_w or need_b
-    grad_x = torch.zeros(k, x.shape[1], device=x.device, dtype=acc) if need_x else None
-    grad_w = torch.zeros(v, weight.shape[1], device=x.device, dtype=acc) if need_w else None
-    grad_b = torch.zeros(v, device=x.device, dtype=acc) if need_b else None
-    loss = torch.zeros((), device=x.device, dtype=acc)
+    need = (need[0], need[1], need[2] and bias is not None)
+    grad_x = torch.zeros(k, x.shape[1], device=x.device, dtype=acc) if need[0] else None
     rows, cols = max(1, min(tile[0], k)), max(1, min(tile[1], v))
-    buffer = torch.empty(rows, cols, device=x.device, dtype=acc)
+    starts = list(range(0, k, rows))
+    # Row blocks are independent: on the CPU they are spread over worker threads (each with its
+    # own tile buffer and weight/bias gradient), which a busy machine cannot stall op by op.
+    parts = cpu_threads.split(starts, cpu_threads.workers_for(x.device, len(starts)))
+
+    def run(my_starts):
+        grad_w = torch.zeros(v, weight.shape[1], device=x.device, dtype=acc) if need[1] else None
+        grad_b = torch.zeros(v, device=x.device, dtype=acc) if need[2] else None
+        buffer = torch.empty(rows, cols, device=x.device, dtype=acc)
+        loss = torch.zeros((), device=x.device, dtype=acc)
+        for start in my_starts:
+            loss += _row_block(x[start : start + rows], weight, bias, safe_targets[start : start + rows],
+                               row_scale[start : start + rows], buffer, need,
+                               None if grad_x is None else grad_x[start : start + rows], grad_w, grad_b)
+        return loss, grad_w, grad_b
+
+    results = cpu_threads.run_parts(run, parts)
+    loss, grad_w, grad_b = results[0]
+    for other_loss, other_w, other_b in results[1:]:  # in worker order: the same bits every run
+        loss = loss + other_loss
+        grad_w = None if grad_w is None else grad_w.add_(other_w)
+        grad_b = None if grad_b is None else grad_b.add_(other_b)
+    return loss, (grad_x, grad_w, grad_b)
+
+
+def _row_block(xb, weight, bias, tb, sb, buffer, need, grad_x, grad_w, grad_b):
+    """Loss of one block of rows (pass 1), and its gradients added into ``grad_x`` (its rows),
+    ``grad_w`` and ``grad_b`` (pass 2)."""
+    n, v, acc = xb.shape[0], weight.shape[0], buffer.dtype
+    cols = buffer.shape[1]
     columns = [(j, min(cols, v - j)) for j in range(0, v, cols)]
 
-    def logits_of(xb, j, c, n):
+    def logits_of(j, c):
         out = buffer[:n, :c]
         w = weight[j : j + c]
-        if x.dtype == acc:
+        if xb.dtype == acc:
             if bias is None:
                 torch.mm(xb, w.t(), out=out)
             else:
@@ -140,43 +167,39 @@ def _forward(x, weight, bias, targets, ignore_index, mean, tile, need):
                 out.add_(bias[j : j + c].to(acc))
         return out
 
-    for start in range(0, k, rows):
-        xb = x[start : start + rows]
-        n = xb.shape[0]
-        tb, sb = safe_targets[start : start + n], row_scale[start : start + n]
-        # Pass 1: online log-sum-exp over the vocabulary tiles, and the target's logit.
-        row_max = torch.full((n,), float("-inf"), device=x.device, dtype=acc)
-        sum_exp = torch.zeros(n, device=x.device, dtype=acc)
-        target_logit = torch.zeros(n, device=x.device, dtype=acc)
-        for j, c in columns:
-            logits = logits_of(xb, j, c, n)
-            inside = (tb >= j) & (tb < j + c)
-            picked = logits.gather(1, (tb - j).clamp(0, c - 1)[:, None]).squeeze(1)
-            target_logit += torch.where(inside, picked, torch.zeros_like(picked))
-            new_max = torch.maximum(row_max, logits.amax(dim=1))
-            sum_exp.mul_((row_max - new_max).exp())
-            row_max = new_max
-            sum_exp += logits.sub_(new_max[:, None]).exp_().sum(dim=1)
-        lse = row_max + sum_exp.log()
-        loss += ((lse - target_logit) * sb).sum()
-        if not any_grad:
-            continue
-        # Pass 2: d loss / d logits = scale * (softmax - onehot(target)), tile by tile. With one
-        # tile spanning the vocabulary, pass 1 left exp(logits - max) in the buffer: no recompute.
-        for j, c in columns:
-            if len(columns) == 1:
-                grad = buffer[:n, :c].mul_((sb / sum_exp)[:, None])
-            else:
-                grad = logits_of(xb, j, c, n).sub_(lse[:, None]).exp_().mul_(sb[:, None])
-            inside = (tb >= j) & (tb < j + c)
-            local = (tb - j).clamp(0, c - 1)[:, None]
-            grad.scatter_add_(1, local, torch.where(inside, -sb, torch.zeros_like(sb))[:, None])
-            g = grad if x.dtype == acc else grad.to(x.dtype)
-            w = weight[j : j + c]
-            if need_x:
-                grad_x[start : start + n] += g @ w
-            if need_w:  # 16-bit products (as autograd's) accumulated in fp32
-                grad_w[j : j + c] += g.t() @ xb
-            if need_b:
-                grad_b[j : j + c] += grad.sum(dim=0)
-    return loss, (grad_x, grad_w, grad_b)
+    # Pass 1: online log-sum-exp over the vocabulary tiles, and the target's logit.
+    row_max = torch.full((n,), float("-inf"), device=xb.device, dtype=acc)
+    sum_exp = torch.zeros(n, device=xb.device, dtype=acc)
+    target_logit = torch.zeros(n, device=xb.device, dtype=acc)
+    for j, c in columns:
+        logits = logits_of(j, c)
+        inside = (tb >= j) & (tb < j + c)
+        picked = logits.gather(1, (tb - j).clamp(0, c - 1)[:, None]).squeeze(1)
+        target_logit += torch.where(inside, picked, torch.zeros_like(picked))
+        new_max = torch.maximum(row_max, logits.amax(dim=1))
+        sum_exp.mul_((row_max - new_max).exp())
+        row_max = new_max
+        sum_exp += logits.sub_(new_max[:, None]).exp_().sum(dim=1)
+    lse = row_max + sum_exp.log()
+    loss = ((lse - target_logit) * sb).sum()
+    if not any(need):
+        return loss
+    # Pass 2: d loss / d logits = scale * (softmax - onehot(target)), tile by tile. With one
+    # tile spanning the vocabulary, pass 1 left exp(logits - max) in the buffer: no recompute.
+    for j, c in columns:
+        if len(columns) == 1:
+            grad = buffer[:n, :c].mul_((sb / sum_exp)[:, None])
+        else:
+            grad = logits_of(j, c).sub_(lse[:, None]).exp_().mul_(sb[:, None])
+        inside = (tb >= j) & (tb < j + c)
+        local = (tb - j).clamp(0, c - 1)[:, None]
+        grad.scatter_add_(1, local, torch.where(inside, -sb, torch.zeros_like(sb))[:, None])
+        g = grad if xb.dtype == acc else grad.to(xb.dtype)
+        w = weight[j : j + c]
+        if need[0]:
+            grad_x += g @ w
+        if need[1]:  # 16-bit products (as autograd's) accumulated in fp32
+            grad_w[j : j + c] += g.t() @ xb
+        if need[2]:
+            grad_b[j : j + c] += grad.sum(dim=0)
+    return loss
