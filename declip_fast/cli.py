@@ -157,6 +157,8 @@ def _train(args, parser) -> int:
         trainer.close()
     results = summary.get("zeroshot")
     line = f"{summary['status']}: {summary['steps']} steps ({summary['skipped_steps']} skipped) in {config.run_dir}"
+    if summary.get("skipped_samples"):
+        line += f"; {summary['skipped_samples']} undecodable samples skipped"
     if results:
         line += "; zero-shot " + ", ".join(f"{k} {v:.1%}" for k, v in results.items() if isinstance(v, float))
     print(line)

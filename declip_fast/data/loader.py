@@ -1,8 +1,8 @@
 """The data config, the batch contract, and the one place that picks FFCV or the torch fallback.
 
 Batch contract (both backends, identical keys, dtypes, shapes and value ranges). Every batch is a
-``dict`` of tensors on the target device, B = ``batch_size`` (fewer only in the fallback's batches
-that lost corrupt images, or in a last batch kept with ``drop_last=False``):
+``dict`` of tensors on the target device, B = ``batch_size`` (fewer only in batches that lost
+undecodable images, counted in ``loader.skipped``, or in a last batch kept with ``drop_last=False``):
 
 =============  =====================  =========================================================
 key            dtype / shape          content
@@ -304,7 +304,8 @@ def build_loader(config: DataConfig, device: torch.device | str = "cpu"):
     """The loader for ``config``: iterate it for contract batches (module docstring) on ``device``.
 
     It has ``len()`` (batches per epoch on this rank), ``set_epoch(epoch, start_batch=0)``,
-    ``position``, ``state_dict()`` / ``load_state_dict()`` and ``backend``.
+    ``position``, ``state_dict()`` / ``load_state_dict()``, ``backend`` and ``skipped`` (samples
+    dropped so far because their image could not be decoded: log it).
     """
     device = torch.device(device)
     backend = choose_backend(config)

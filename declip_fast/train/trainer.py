@@ -274,7 +274,9 @@ class Trainer(RecoveryMixin):
             progress.close()
         self._check_mostly_skipped()
         summary = {"status": status, "steps": self.step_count, "skipped_steps": self.skipped,
-                   "rollbacks": self.rollbacks}
+                   "rollbacks": self.rollbacks,
+                   # Samples the loader could not decode (skipped and counted, never served).
+                   "skipped_samples": int(getattr(self.loader, "skipped", 0))}
         if status == "done":
             summary["zeroshot"] = self.evaluate()
             self._finish_report(summary)
