@@ -34,6 +34,16 @@ def workers_for(device: torch.device, blocks: int) -> int:
     return max(1, min(torch.get_num_threads(), blocks))
 
 
+def balanced_block(n: int, block: int, workers: int) -> int:
+    """A block size <= ``block`` that cuts ``n`` into a multiple of ``workers`` near-equal blocks,
+    so that no worker waits for another at the join (720 rows in blocks of 256 give one worker
+    two blocks and the other one; in blocks of 180, two each)."""
+    if workers <= 1 or n <= workers:
+        return min(block, n) if n else block
+    blocks = workers * -(-n // (workers * block))
+    return -(-n // blocks)
+
+
 def split(items: list, workers: int) -> list[list]:
     """Item i goes to worker i mod ``workers``: a static, balanced split."""
     return [items[w::workers] for w in range(workers)]

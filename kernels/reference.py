@@ -63,7 +63,15 @@ def _blocks(rows: int, cols: int, block) -> tuple[int, int]:
             raise ValueError(f"block sizes must be positive, got {block}")
         return min(rows, row_block), min(cols, col_block)
     col_block = min(cols, MAX_COL_BLOCK)
-    return max(1, min(rows, TILE_ELEMENTS // col_block)), col_block
+    # Tiles held at once across the CPU's worker threads stay within TILE_ELEMENTS (cache), and
+    # the row blocks divide evenly among the workers.
+    workers = max(1, torch.get_num_threads())
+    row_block = max(1, min(rows, TILE_ELEMENTS // workers // col_block))
+    return cpu_threads.balanced_block(rows, row_block, workers), col_block
+
+
+def _workers(device, rows: int, row_block: int) -> int:
+    return cpu_threads.workers_for(device, -(-rows // row_block))
 
 
 def _spans(n: int, block: int):
@@ -142,7 +150,7 @@ def _forward(q, k, scale, offset, symmetric, block):
         return c_m, c_s
 
     spans = list(_spans(rows, row_block))
-    parts = cpu_threads.run_parts(run, cpu_threads.split(spans, cpu_threads.workers_for(q.device, len(spans))))
+    parts = cpu_threads.run_parts(run, cpu_threads.split(spans, _workers(q.device, rows, row_block)))
     col_m, col_s = parts[0]
     for other in parts[1:]:  # in worker order: the same bits every run
         col_m, col_s = _merge(col_m, col_s, *other)
@@ -193,7 +201,7 @@ def _backward(ctx, grad_loss):
         return dk
 
     spans = list(_spans(rows, row_block))
-    parts = cpu_threads.run_parts(run, cpu_threads.split(spans, cpu_threads.workers_for(q.device, len(spans))))
+    parts = cpu_threads.run_parts(run, cpu_threads.split(spans, _workers(q.device, rows, row_block)))
     dk = parts[0]
     for other in parts[1:] if want_dk else ():  # in worker order: the same bits every run
         dk.add_(other)
@@ -294,7 +302,8 @@ def nn_lookup(queries: torch.Tensor, bank: torch.Tensor, valid: int | None = Non
 def _nn_lookup(queries: torch.Tensor, bank: torch.Tensor, m: int):
     compute = _compute_dtype(queries.dtype)
     q = queries.detach().to(compute)
-    chunk = max(MIN_LOOKUP_CHUNK, LOOKUP_CHUNK_ELEMENTS // max(1, q.shape[0]))
+    # Score chunks held at once across the CPU's worker threads stay within the budget.
+    chunk = max(MIN_LOOKUP_CHUNK, LOOKUP_CHUNK_ELEMENTS // max(1, q.shape[0] * torch.get_num_threads()))
 
     def run(starts):
         best = torch.full((q.shape[0],), float("-inf"), dtype=compute, device=q.device)
@@ -309,8 +318,10 @@ def _nn_lookup(queries: torch.Tensor, bank: torch.Tensor, m: int):
             index = torch.where(better, arg + start, index)
         return best, index
 
+    workers = cpu_threads.workers_for(q.device, -(-m // chunk))
+    chunk = cpu_threads.balanced_block(m, chunk, workers)
     starts = list(range(0, m, chunk))
-    parts = cpu_threads.run_parts(run, cpu_threads.split(starts, cpu_threads.workers_for(q.device, len(starts))))
+    parts = cpu_threads.run_parts(run, cpu_threads.split(starts, workers))
     best, index = parts[0]
     for top, arg in parts[1:]:  # workers' chunks interleave: break ties by index explicitly
         better = (top > best) | ((top == best) & (arg < index))

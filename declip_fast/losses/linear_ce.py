@@ -121,10 +121,12 @@ def _forward(x, weight, bias, targets, ignore_index, mean, tile, need):
     need = (need[0], need[1], need[2] and bias is not None)
     grad_x = torch.zeros(k, x.shape[1], device=x.device, dtype=acc) if need[0] else None
     rows, cols = max(1, min(tile[0], k)), max(1, min(tile[1], v))
-    starts = list(range(0, k, rows))
     # Row blocks are independent: on the CPU they are spread over worker threads (each with its
     # own tile buffer and weight/bias gradient), which a busy machine cannot stall op by op.
-    parts = cpu_threads.split(starts, cpu_threads.workers_for(x.device, len(starts)))
+    workers = cpu_threads.workers_for(x.device, -(-k // rows))
+    rows = cpu_threads.balanced_block(k, rows, workers)
+    starts = list(range(0, k, rows))
+    parts = cpu_threads.split(starts, workers)
 
     def run(my_starts):
         grad_w = torch.zeros(v, weight.shape[1], device=x.device, dtype=acc) if need[1] else None

@@ -40,6 +40,14 @@ def test_workers_run_single_threaded_ops_and_restore(two_threads):
     assert torch.get_num_threads() == 2
 
 
+def test_balanced_blocks_divide_evenly():
+    for n, block, workers in [(720, 256, 2), (1000, 256, 3), (5, 256, 2), (4096, 64, 2), (7, 2, 2)]:
+        b = cpu_threads.balanced_block(n, block, workers)
+        count = -(-n // b)
+        assert b <= block and (count % workers == 0 or n <= workers), (n, block, workers, b)
+    assert cpu_threads.balanced_block(720, 256, 1) == 256
+
+
 def _runs(fn, n=3):
     return [fn() for _ in range(n)]
 
@@ -73,8 +81,8 @@ def test_paths_are_deterministic_and_match_one_thread(two_threads):
 
 
 def test_lookup_ties_across_workers_pick_the_lowest_index(two_threads, monkeypatch):
-    """Chunks of 256 rows alternate between the two workers: a tie between chunk 1 (worker 1)
-    and chunk 2 (worker 0) must still return chunk 1's row."""
+    """Chunks (6 of 184 rows here) alternate between the two workers: a tie between row 300
+    (chunk 1, worker 1) and row 900 (chunk 4, worker 0) must still return row 300."""
     monkeypatch.setattr(reference, "LOOKUP_CHUNK_ELEMENTS", 1)
     gen = torch.Generator().manual_seed(1)
     bank = torch.nn.functional.normalize(torch.randn(1100, 24, generator=gen), dim=-1)
