@@ -38,6 +38,8 @@ def _add_write_dataset(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the EDA variants (and of the demo subsets)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_write_dataset)
+    p.epilog = ("Exit status: 0 written (skipped pairs are counted in the summary); 1 nothing could be "
+                "written; 2 a source, output or machine problem, reported in one line.")
 
 
 def _write_dataset(args, parser) -> int:
@@ -51,17 +53,20 @@ def _write_dataset(args, parser) -> int:
         parser.error("write-dataset: give SOURCE OUT (or --demo OUT_DIR)")
     config = WriteConfig(max_side=args.max_side or 384, workers=args.workers, limit=args.limit,
                          overwrite=args.overwrite, seed=args.seed, progress=not args.quiet)
+    # Exit status as for train: 2 a source, file or machine problem (one line), 1 nothing
+    # could be written (every pair skipped; the summary says why), 0 written.
     try:
-        summary = write_dataset(args.source, args.out, config)
-    except NoPairsError as err:
-        summary = err.summary
-        print(f"error: {err}", file=sys.stderr)
-    except (FileExistsError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(summary.format())
-    if args.summary_json:
-        save_summary(summary, args.summary_json)
+        try:
+            summary = write_dataset(args.source, args.out, config)
+        except NoPairsError as err:
+            summary = err.summary
+            print(f"error: {err}", file=sys.stderr)
+        print(summary.format())
+        if args.summary_json:
+            save_summary(summary, args.summary_json)
+    except (OSError, ValueError) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
     return 0 if summary.written else 1
 
 

@@ -142,9 +142,10 @@ def run(args, parser: argparse.ArgumentParser | None = None) -> int:
             probe = linear_probe(model, train, test, device)
             rows.update({"linear-probe top1": probe["top1"], "linear-probe best_C": probe["best_C"],
                          "linear-probe n_train": probe["n_train"]})
-    except (FileNotFoundError, ValueError, RuntimeError, ImportError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except (OSError, ValueError, RuntimeError, ImportError) as err:
+        # A missing or mismatched file or checkpoint: one line, exit 2 (as train does).
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
     print(format_table(rows))
     return 0
 

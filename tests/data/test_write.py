@@ -282,7 +282,7 @@ def test_refuses_to_overwrite_unless_asked(tmp_path, capsys):
     out.write_bytes(b"precious")
     with pytest.raises(FileExistsError):
         write_dataset(tmp_path / "pairs.csv", out, config())
-    assert main(["write-dataset", str(tmp_path / "pairs.csv"), str(out), "--quiet"]) == 1
+    assert main(["write-dataset", str(tmp_path / "pairs.csv"), str(out), "--quiet"]) == 2
     assert "exists" in capsys.readouterr().err and out.read_bytes() == b"precious"
     assert main(["write-dataset", str(tmp_path / "pairs.csv"), str(out), "--quiet", "--overwrite",
                  "--workers", "1"]) == 0

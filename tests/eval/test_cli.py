@@ -103,16 +103,24 @@ def test_eval_argument_errors(weights_file, tmp_path, capsys):
         main([str(path), "--preset", "declip_tiny"])  # neither --data nor --demo
     assert "give either --data PATH or --demo DIR" in capsys.readouterr().err
     root = make_folder(tmp_path / "images")
-    assert main([str(path), "--data", str(root)]) == 1
-    assert "--preset" in capsys.readouterr().err
-    assert main([str(path), "--preset", "declip_tiny", "--data", str(root), "--linear-probe"]) == 1
-    assert "--linear-probe needs --train-data" in capsys.readouterr().err
-    assert main([str(path), "--preset", "declip_tiny", "--demo", str(tmp_path / "nodemo")]) == 1
-    assert "write-dataset --demo" in capsys.readouterr().err
+
+    def one_line():  # each error: exit 2 and a single line on stderr
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        return err
+
+    assert main([str(path), "--data", str(root)]) == 2
+    assert "--preset" in one_line()
+    assert main([str(path), "--preset", "declip_tiny", "--data", str(root), "--linear-probe"]) == 2
+    assert "--linear-probe needs --train-data" in one_line()
+    assert main([str(path), "--preset", "declip_tiny", "--demo", str(tmp_path / "nodemo")]) == 2
+    assert "write-dataset --demo" in one_line()
     bad = tmp_path / "bad.json"
     bad.write_text('{"classes": ["only", "three", "names"]}')
-    assert main([str(path), "--preset", "declip_tiny", "--data", str(root), "--classes", str(bad)]) == 1
-    assert "names 3 classes" in capsys.readouterr().err
+    assert main([str(path), "--preset", "declip_tiny", "--data", str(root), "--classes", str(bad)]) == 2
+    assert "names 3 classes" in one_line()
+    assert main([str(tmp_path / "missing"), "--preset", "declip_tiny", "--data", str(root)]) == 2
+    assert "missing" in one_line()
 
 
 @pytest.mark.slow

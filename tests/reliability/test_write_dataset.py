@@ -190,7 +190,7 @@ def test_output_errors_are_one_line_naming_the_path(tmp_path):
              tmp_path / "a_file" / "sub" / "out.beton": "is not a folder"}
     for out, reason in cases.items():
         result = cli_subprocess(str(tmp_path / "pairs.csv"), str(out), timeout=60)
-        assert result.returncode == 1, result.stderr
+        assert result.returncode == 2, result.stderr
         assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
         assert str(out) in result.stderr and reason in result.stderr
 
@@ -217,7 +217,7 @@ def test_unwritable_and_missing_output_folders(tmp_path, capsys):
     locked = unwritable_folder(tmp_path)
     try:
         for out, where in ((locked / "out.beton", locked), (locked / "new" / "out.beton", locked / "new")):
-            assert run_cli(str(tmp_path / "pairs.csv"), str(out)) == 1
+            assert run_cli(str(tmp_path / "pairs.csv"), str(out)) == 2
             err = capsys.readouterr().err
             assert err.startswith("error: ") and err.count("\n") == 1 and str(where) in err
             assert not out.exists() and not any(p.name.endswith(".partial") for p in locked.iterdir())
@@ -245,7 +245,7 @@ def test_full_disk_mid_write_is_one_line(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(write._BetonFile, "append", full)
     out = tmp_path / "out" / "data.beton"
-    assert run_cli(str(tmp_path / "pairs.csv"), str(out)) == 1
+    assert run_cli(str(tmp_path / "pairs.csv"), str(out)) == 2
     assert capsys.readouterr().err == f"error: cannot write {out}: No space left on device\n"
     assert list(out.parent.iterdir()) == []
 
