@@ -93,7 +93,8 @@ class DataConfig:
     two_views: bool = True  # images_2
     drop_last: bool = True
     ffcv_fused_views: bool = True  # FFCV: decode once, crop twice (one decoder) instead of two
-    # pipelines on the image field that decode every image twice
+    # pipelines on the image field that decode every image twice (FFCV's own decoders: no decode
+    # check, unseeded crops; the trainer refuses it, loader benchmarks compare against it)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self):

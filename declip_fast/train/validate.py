@@ -45,6 +45,12 @@ def check_values(config) -> None:
     if config.data.beton is not None and config.data.source is not None:
         raise ConfigError(f"data.beton ({config.data.beton}) and data.source ({config.data.source}) "
                           "are both set: train from one of them (set the other to null)")
+    if not config.data.ffcv_fused_views:
+        # FFCV's own two-pipeline decoders neither report undecodable images (they would be
+        # trained on as garbage) nor seed their crops (no exact resume): a comparison path only.
+        raise ConfigError("data.ffcv_fused_views=false is for loader benchmarks only (FFCV's own "
+                          "decoders do not report undecodable images or seed their crops); "
+                          "train with the default fused decoder")
     for key in config.allow_config_change:
         if key != "all" and key not in RESUME_KEYS:
             raise ConfigError(f"allow_config_change: {key!r} is not a key that resuming checks; "

@@ -35,6 +35,7 @@ CASES = {  # id: (override(s), text the one line must hold)
     "wrong-format beton": (_not_a_beton, "is not an FFCV .beton file"),
     "missing resume path": (["resume=/nonexistent/step_00000001"], "resume: checkpoint /nonexistent/step_00000001 does not exist"),
     "unknown key": (["optim.lrr=1"], "optim.lrr"),
+    "unchecked FFCV decoders": (["data.ffcv_fused_views=false"], "data.ffcv_fused_views=false is for loader benchmarks only"),
 }
 if not torch.cuda.is_available():
     CASES["cuda without CUDA"] = (["device=cuda"], "device=cuda, but no CUDA device")
