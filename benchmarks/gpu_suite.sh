@@ -3,7 +3,7 @@
 # dependencies, measures the box's peaks, runs the gpu tests, then the GPU benchmarks, writing logs
 # and JSON under $OUT. The benchmarks' files are merged into $OUT/<date>-<device>.json (+ .md), the
 # format `make bench` writes, so benchmarks/report.py reads either.
-# Usage: benchmarks/gpu_suite.sh [--dry-run] [peaks] [tests] [contrastive] [lookup] [attention] [towers] [train]
+# Usage: benchmarks/gpu_suite.sh [--dry-run] [peaks] [budget] [tests] [contrastive] [lookup] [attention] [towers] [train]
 # (default: all). A failing part is reported and the rest still runs; the exit code says whether
 # all passed. PYTHON picks the interpreter (default python3).
 # --dry-run (or DRY_RUN=1) needs no GPU and installs nothing: it checks that the gpu tests are
@@ -20,7 +20,7 @@ for arg in "$@"; do
 done
 # Parts, in order; pass a subset (e.g. `gpu_suite.sh tests contrastive`) to stay within one
 # device call's 10 minutes: the towers compile four full-size models.
-parts=${names[*]:-"peaks tests contrastive lookup attention towers train"}
+parts=${names[*]:-"peaks budget tests contrastive lookup attention towers train"}
 status=0
 export PYTHONUNBUFFERED=1
 
@@ -48,6 +48,9 @@ if [ "$DRY_RUN" = 1 ]; then
       peaks)
         if $PY -m py_compile benchmarks/device_peaks.py 2>/dev/null; then ok peaks "benchmarks/device_peaks.py"
         else bad peaks "benchmarks/device_peaks.py is missing or does not compile"; fi ;;
+      budget)
+        if $PY -m benchmarks.kernel_budget --help >/dev/null 2>&1; then ok budget "benchmarks/kernel_budget.py"
+        else bad budget "python -m benchmarks.kernel_budget --help fails"; fi ;;
       tests)
         ids=$(collect tests -m gpu); rc=$?
         n=$(grep -c . <<<"$ids")
@@ -86,6 +89,8 @@ run versions $PY -m benchmarks.machine  # device, versions, driver, commit: JSON
 for part in $parts; do
   case $part in
     peaks) run peaks $PY -m benchmarks.device_peaks --out "$OUT/peaks.json" ;;
+    # The roofline bounds the timings are held against (counts only: the sm_90 builds are CI's).
+    budget) run budget $PY -m benchmarks.kernel_budget --no-compile --json "$OUT/budget.json" ;;
     tests) run gpu-tests $PY -m pytest tests -m gpu -q -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" ;;
     *)
       if is_bench "$part"; then

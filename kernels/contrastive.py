@@ -56,11 +56,16 @@ registers x 256 threads one program fits per SM, so grids are planned in whole w
 program per SM. Backward: the owner accumulator ``[BP, BD]`` fp32 stays in registers for the
 whole walk; 64 x 256 on two warpgroups builds at 204 registers, 64 x 512 spills (392 bytes at
 240), so D = 512 runs as two chunks that each recompute the logits: 14 N^2 D per loss step
-instead of 10, accepted over spilling an accumulator that every tile updates. The plan aims at
-~40-50% of bf16 peak for the whole loss step: wgmma from one or two warpgroups without the
-ping-pong scheduling that lets FlashAttention-3 hide its exp2 epilogue behind the next tile's
-MMA, and half of the backward's FLOPs (two thirds at D = 512) spent recomputing logits. ``benchmarks/kernel_budget.py``
-prints FLOPs, bytes, registers, programs per SM and the roofline bound of each config.
+instead of 10, accepted over spilling an accumulator that every tile updates. What bounds it:
+each tile's K-loop streams (BM + BN) x D operands from L2, 43 FLOPs a byte at 128 x 64 in 16
+bits, so the kernels are L2-bound before they are MMA-bound: ``benchmarks/kernel_budget.py``
+puts the loss step (14 N^2 D at N = 32768, D = 512, bf16) at 22% of bf16 peak for an L2 of
+5.5 TB/s (a PCIe H100's measured figure) and 47% at 12 TB/s. The design aims at ~40%: L2 near
+the upper figure on an SXM H100, wgmma from one or two warpgroups without FlashAttention-3's
+ping-pong scheduling (the exp2 epilogue is not hidden), and half the backward's FLOPs (two
+thirds at D = 512) recomputing logits. The levers a GPU run will rank: 128 x 128 forward tiles
+(fewer L2 bytes per FLOP; today they spill, the logits tile lives twice), a D-resident operand
+in shared memory, and whole-D accumulators once registers allow.
 
 Distributed (``local_loss=True, gather_with_grad=True``): each rank passes its B local rows and the
 N gathered columns. Row statistics are local; the column statistics of local rows are all-gathered
