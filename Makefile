@@ -2,12 +2,16 @@
 # idempotent and silent when nothing changed).
 PY := .venv/bin/python
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test lint demo bench clean
 setup:
 	@./scripts/setup.sh
 
 test: setup
 	$(PY) -m pytest
+
+# The lint gate: ruff's pyflakes, pycodestyle and bugbear rules (configured in pyproject.toml).
+lint: setup
+	$(PY) -m ruff check .
 
 # The `demo` preset: tiny DeCLIP towers on the Fashion-MNIST demo data (built on first use), a
 # few minutes on the CPU, zero-shot accuracy at the end; the run folder is runs/demo.

@@ -58,8 +58,8 @@ def cpu_threads():
     """One intra-op thread on the CPU for every measurement here, the peak included.
 
     The CPU is shared: when another process takes one of the two cores, OpenMP's workers wait at
-    every barrier for the descheduled one, and a tiny-ViT step measured 15 ms median alone went to
-    850 ms (max 1 s) with two threads, against a steady 19-20 ms with one. Inductor reads the
+    every barrier for the descheduled one: a tiny-ViT step with two threads became tens of times
+    slower and erratic, while one thread stays steady. Inductor reads the
     thread count when it generates code, so compiled kernels are single-threaded too.
     """
     if ON_GPU:

@@ -163,7 +163,8 @@ def main(argv=None) -> dict:
     date = datetime.date.today().isoformat()
     commit, dirty = git_state()
     meta = {"date": date, "device": f"CPU ({os.cpu_count()} cores, {cpu_name()})",
-            "commit": (commit or "unknown")[:7] + (" (uncommitted changes)" if dirty else ""), "steps": args.steps, "seeds": args.seeds, "fractions": args.fractions,
+            "commit": (commit or "unknown")[:7] + (" (uncommitted changes)" if dirty else ""),
+            "steps": args.steps, "seeds": args.seeds, "fractions": args.fractions,
             "methods": args.methods, "batch_size": base.data.batch_size,
             "train_pairs": len(np.load(Path(args.demo_data) / "train_labels.npy")),
             "test_images": len(np.load(Path(args.demo_data) / "test_labels.npy"))}

@@ -206,7 +206,8 @@ def markdown(data: dict, source: str) -> str:
     dirty = {True: " (uncommitted changes)", False: ""}.get(info.get("git_dirty"), " (tree state unknown)")
     lines = [f"# Benchmarks: {where(data)}", "",
              f"- commit: {commit}{dirty}",
-             f"- torch {info.get('torch')}, triton {info.get('triton')}, CUDA {info.get('cuda_runtime')} (torch build), "
+             f"- torch {info.get('torch')}, triton {info.get('triton')}, "
+             f"CUDA {info.get('cuda_runtime')} (torch build), "
              f"driver {info.get('cuda_driver')}, Python {info.get('python', info.get('python_version'))}",
              f"- CPU: {info.get('cpu_name')}, {info.get('cpu_count')} cores",
              f"- source: {source}, {len(data['benchmarks'])} benchmark entries"]
@@ -275,7 +276,8 @@ def _plot(points: list[tuple], xlabel: str, what: str, where: str, path: Path) -
     for label, pts in series.items():
         impl, _, case = label.partition(" (")
         k = cases.index(case)
-        style = dict(color=f"C{impls.index(impl) % 10}", marker="os^Dvp*"[k % 7], linestyle=["-", "--", ":", "-."][k % 4],
+        style = dict(color=f"C{impls.index(impl) % 10}", marker="os^Dvp*"[k % 7],
+                     linestyle=["-", "--", ":", "-."][k % 4],
                      label=label)
         ax_time.plot([p[0] for p in pts], [p[1] * 1e3 for p in pts], **style)
         mem = [(p[0], p[2] / 2**20) for p in pts if p[2] is not None]

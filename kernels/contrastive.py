@@ -98,9 +98,9 @@ MAX_SPLITS = 32
 SPLIT_WORKSPACE_BYTES = 64 << 20
 
 # Hopper (sm_90) tilings per input class; each compiles for sm_90 without spills and within the
-# register ceiling (tests/kernels/test_contrastive.py). The interpreter gets one config with big
-# tiles (it costs ~3 ms per program per loop iteration, whatever the tile) and a BD narrower than
-# the widest test D, so the D-chunk walk runs on the CPU too.
+# register ceiling (tests/kernels/test_sm90_compile.py). The interpreter gets one config with big
+# tiles (its cost is per program and loop iteration, almost whatever the tile) and a BD
+# narrower than the widest test D, so the D-chunk walk runs on the CPU too.
 HOPPER_FWD = {
     "16-bit": [
         (dict(BM=128, BN=64, BK=64), dict(num_warps=8, num_stages=3, maxnreg=232)),

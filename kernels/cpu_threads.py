@@ -3,8 +3,8 @@
 PyTorch parallelises each CPU op over its intra-op (OpenMP) threads and waits at a barrier at the
 end of the op. The tiled CPU paths (the MLM head's linear cross-entropy, the tiled contrastive
 loss, the lookup) issue thousands of small ops per call, so when another process holds a core,
-every op waits for a descheduled thread: measured on a 2-core machine beside 4 busy processes,
-the linear cross-entropy took 30 s with 2 threads against 2.4 s with 1.
+every op waits for a descheduled thread, and a call can take an order of magnitude longer than
+with one thread (benchmarks/bench_shared_cpu.py; see benchmarks/results).
 
 Here the blocks of one call are split statically over ``torch.get_num_threads()`` Python threads,
 and each runs its ops single-threaded (intra-op threads set to 1 for the call, restored after;

@@ -37,7 +37,7 @@ MAX_SPLITS = 64
 
 
 # Hopper (sm_90) tilings per input class; each compiles for sm_90 without spills
-# (tests/kernels/test_nn_lookup.py checks). The interpreter gets one config with big tiles.
+# (tests/kernels/test_sm90_compile.py checks). The interpreter gets one config with big tiles.
 HOPPER = {
     "16-bit": [
         (dict(BM=128, BN=128, BK=64), dict(num_warps=8, num_stages=3, maxnreg=232)),

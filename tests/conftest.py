@@ -26,3 +26,22 @@ def pytest_collection_modifyitems(config, items):
 def rng():
     """A fresh, seeded generator per test: random inputs, reproducible failures."""
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """The loader tests' pair set (tests/data/pairs.py), built once per module that asks."""
+    from tests.data.pairs import build_pairs
+
+    return build_pairs(tmp_path_factory.mktemp("pairs"))
+
+
+@pytest.fixture(scope="module")
+def ffcv_uncompiled():
+    """FFCV's JIT compiler off for one module (tiny epochs compile slower than they run), back on
+    after it: modules opt in with ``pytestmark = pytest.mark.usefixtures("ffcv_uncompiled")``."""
+    from ffcv.pipeline.compiler import Compiler
+
+    Compiler.set_enabled(False)
+    yield
+    Compiler.set_enabled(True)

@@ -1,4 +1,6 @@
-"""Batched MoCo-v2 colour augmentations on the device the batch lands on (SPEC section 2).
+"""Batched MoCo-v2 colour augmentations on the device the batch lands on (DeCLIP's image views).
+
+See ARCHITECTURE.md, "A training step".
 
 The geometric part of a view (random resized crop, horizontal flip) happens where the image is
 decoded (FFCV's decoder, or the fallback's workers); everything after it happens here, on the
@@ -57,7 +59,7 @@ _RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.5959, -0.2746, -0.3213), (0.2115, -0.52
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """The colour part of a MoCo-v2 view; the defaults are SPEC section 2's."""
+    """The colour part of a MoCo-v2 view; the defaults are MoCo-v2's."""
 
     brightness: float = 0.4
     contrast: float = 0.4

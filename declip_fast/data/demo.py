@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gzip
 import json
 import os
@@ -175,7 +176,7 @@ def ensure_demo_data(out_dir: str | os.PathLike, train_size: int = 10_000, test_
             summary = paths.summaries[split] = write_pairs(pairs, getattr(paths, split), config)
             if summary.written != size:  # labels are row-aligned: every image must be written
                 raise RuntimeError(f"demo {split}: wrote {summary.written} of {size} ({summary.by_reason()})")
-            atomic_write(getattr(paths, f"{split}_labels"), lambda p: _save_npy(p, labels))
+            atomic_write(getattr(paths, f"{split}_labels"), functools.partial(_save_npy, array=labels))
         manifest = {"classes": list(CLASSES), "templates": list(ZEROSHOT_TEMPLATES),
                     "prompts": {c: [with_articles(t.format(c)) for t in ZEROSHOT_TEMPLATES] for c in CLASSES},
                     "caption_templates": list(CAPTION_TEMPLATES), "build": build}

@@ -1,4 +1,4 @@
-"""EDA (easy data augmentation) for DeCLIP's second text view, as SPEC section 1 states it.
+"""EDA (easy data augmentation) for DeCLIP's second text view, as DeCLIP uses it (Wei & Zou 2019).
 
 One operation per caption, chosen uniformly:
 

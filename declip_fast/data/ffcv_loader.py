@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from declip_fast.data.beton import check_beton, start_epoch
-from declip_fast.data.loader import BatchViews, DataConfig, ResumableEpochs, shard_order, subset_indices
+from declip_fast.data.loader_config import BatchViews, DataConfig, ResumableEpochs, shard_order, subset_indices
 
 FIELDS = ("image", "tokens", "eda_tokens", "index")  # declip_fast.data.write.FIELDS
 LOGGED_SKIPS = 10  # undecodable samples logged one by one per loader; the rest are only counted
@@ -182,8 +182,8 @@ def two_view_decoder(size: int, scale: tuple[float, float], ratio=(3 / 4, 4 / 3)
                      views: int = 2):
     """An FFCV decoder that decodes each JPEG once and writes ``views`` independent random
     resized crops, each flipped with p = 0.5: uint8 [B, views, size, size, 3]. Two pipelines on
-    one field decode every image twice, and decoding is most of the loader's work (measured: 2
-    views cost 1.9x one view that way). Crops follow FFCV's ``get_random_crop``
+    one field decode every image twice, and decoding is most of the loader's work (two views cost
+    nearly twice one view that way). Crops follow FFCV's ``get_random_crop``
     (:func:`crop_sampler`), then :func:`declip_fast.data.resize.resized_crop_fn` (flip
     included), compiled by FFCV's compiler.
 

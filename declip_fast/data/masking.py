@@ -1,4 +1,4 @@
-"""MLM masking of token ids for DeCLIP's text self-supervision (SPEC section 1, BERT's recipe).
+"""MLM masking of token ids for DeCLIP's text self-supervision (BERT's recipe, as DeCLIP uses it).
 
 Of the maskable positions of each caption (strictly between the start token and the first
 end-of-text token, so never start, end, padding or an existing mask token), 15% are chosen

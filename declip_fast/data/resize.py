@@ -6,10 +6,10 @@ widens with the downscale factor, taps clipped to the crop (crop first, then res
 normalized per output pixel. So both loaders resample a crop the same way.
 
 Why not FFCV's ``resize_crop``: it calls OpenCV's ``INTER_AREA``, whose generic path for the
-non-integer factors of random crops costs ~1.1 ms per 224 px view on a CPU core, more than
-decoding the JPEG (~0.9 ms at 500x375). This one works a row at a time: the vertical pass blends
-the source rows an output row needs into one row (contiguous, so it vectorizes; the row stays in
-L1), the horizontal pass reads that row and writes the output pixels, flipped or not: ~0.5 ms.
+non-integer factors of random crops costs more per 224 px view than decoding the JPEG. This one
+works a row at a time: the vertical pass blends the source rows an output row needs into one row
+(contiguous, so it vectorizes; the row stays in L1), the horizontal pass reads that row and writes
+the output pixels, flipped or not, at about half INTER_AREA's cost.
 Fixed-point integer arithmetic (16-bit weights, 6 fraction bits between the passes) gives the same
 bits whether numba compiles it (with FFCV's fastmath) or not, so a seeded crop is reproducible;
 it stays within 0.6 of the float64 filter (0.5 of it the final rounding).

@@ -14,8 +14,8 @@ lower-cased. Speed comes from two places, both exact:
   control characters, and CR/LF, which whitespace collapsing erases anyway), so they are skipped;
 - a cache from each whitespace-separated chunk (and each pre-token) to its ids, so a word is
   split, byte-encoded and merged once; it is cleared when it reaches ``max_cached_words``.
-Captions outside the fast path pay for ftfy (~0.2 ms each on this 2-core box), which is most of
-the time on a mix with 15% non-ASCII captions (benchmarks/bench_tokenizer.py). HF ``tokenizers``
+Captions outside the fast path pay for ftfy, which is most of the time on a mix with 15%
+non-ASCII captions (benchmarks/bench_tokenizer.py; see benchmarks/results). HF ``tokenizers``
 would be faster still but is not installed here; this stays pure Python.
 
 The vocabulary file ships inside the open-clip-torch wheel. It is found without importing open_clip

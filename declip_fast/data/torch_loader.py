@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from declip_fast.data.loader import BatchViews, DataConfig, ResumableEpochs, epoch_seed, subset_indices
+from declip_fast.data.loader_config import BatchViews, DataConfig, ResumableEpochs, epoch_seed, subset_indices
 
 log = logging.getLogger(__name__)
 CROP_STREAM, EDA_STREAM = 3, 4
@@ -276,8 +276,8 @@ class TorchLoader(ResumableEpochs):
                 self._advance(epoch, b + 1)
                 continue
             views.start_batch(epoch, b)
-            move = lambda key: batch[key].to(dev, non_blocking=True) if key in batch else None
-            out = views(move("images_1"), move("images_2"), batch["tokens"], batch.get("text_2"),
-                        batch["index"])
+            images = [batch[k].to(dev, non_blocking=True) if k in batch else None
+                      for k in ("images_1", "images_2")]
+            out = views(*images, batch["tokens"], batch.get("text_2"), batch["index"])
             self._advance(epoch, b + 1)
             yield out

@@ -1,5 +1,6 @@
-"""Apply FSDP2 to a DeCLIP model from outside it (DESIGN 7: build -> checkpointing -> compile ->
-fully_shard per block -> root).
+"""Apply FSDP2 to a DeCLIP model from outside it, in the usual FSDP2 order: build ->
+checkpointing -> compile -> fully_shard per block -> root (the root last, so it holds only the
+parameters no block or head owns). The models never import torch.distributed.
 
 ``parallelize(model, mesh=None, precision="fp32", compile=False, checkpointing=False)``:
 

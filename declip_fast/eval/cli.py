@@ -51,7 +51,8 @@ def load_model(path, preset: str | None = None):
 
     (a) a run folder (``config.yaml`` + ``checkpoints/``: its newest complete checkpoint) or one
         checkpoint folder inside it: the model is built from the run's ``config.yaml`` (or
-        ``preset``) and filled by ``declip_fast.train.checkpoint.load_model_for_eval``;
+        ``preset``) and filled by ``declip_fast.distributed.checkpoint_format.load_model_for_eval``
+        (re-exported as ``declip_fast.train.checkpoint.load_model_for_eval``);
     (b) a ``torch.save``d state dict (optionally under a "model" / "state_dict" key) of ``preset``.
     """
     from declip_fast.models.presets import build
@@ -84,17 +85,37 @@ def _load_from_run(path: Path, preset: str | None, build):
     if config_file is None and preset is None:
         raise ValueError(f"{path} is not a run folder (no config.yaml in it or in its run folder); "
                          "name the model with --preset")
-    from declip_fast.train.checkpoint import load_model_for_eval
+    from declip_fast.distributed.checkpoint_format import load_model_for_eval
 
     if preset is not None:
         model = build(preset)
     else:
-        from declip_fast.train.config import load_config
-
-        config = load_config(config_file)
-        model = build(config.model.preset, **config.model.overrides)
+        config = _run_model_config(config_file)
+        model = build(config.preset, **config.overrides)
     load_model_for_eval(path, model)
     return model
+
+
+def _run_model_config(config_file: Path):
+    """The ``model`` section of a run's ``config.yaml`` as a ModelConfig (read here, not through
+    ``declip_fast.train.config``: eval does not import train)."""
+    import yaml
+
+    from declip_fast.models.model_config import ModelConfig
+
+    try:
+        values = yaml.safe_load(config_file.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{config_file}: not valid YAML ({err})") from err
+    section = values.get("model") if isinstance(values, dict) else None
+    if section is None:
+        section = {}
+    if not isinstance(section, dict):
+        raise ValueError(f"{config_file}: model must be a mapping, got {section!r}")
+    try:
+        return ModelConfig(**section)
+    except TypeError as err:
+        raise ValueError(f"{config_file}: model: {err}") from None
 
 
 def _sources(args) -> dict:

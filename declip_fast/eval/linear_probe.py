@@ -10,8 +10,8 @@ weak regularization).
 
 Threads: below ``SINGLE_THREAD_SIZE`` feature values the fits run on one BLAS/OpenMP thread.
 scikit-learn's multinomial loss synchronizes its thread pool every L-BFGS iteration, which
-dominates small problems: measured on a busy 2-core box, a 64 x 64 fit ran 8x and a 20,000 x 256
-fit 20x faster single-threaded. Larger problems keep the library's default.
+dominates small problems, and far more so when another process holds a core: they run several
+times faster single-threaded. Larger problems keep the library's default.
 
 scikit-learn is an optional dependency (``declip-fast[train]``), imported when a probe is fit.
 """

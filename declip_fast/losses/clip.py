@@ -84,7 +84,9 @@ def autocast_inputs(*tensors: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], t
     return cast_tensors, None if tensors[0].dtype == torch.float64 else torch.float32
 
 
-def _as_scalar(name: str, value, like: torch.Tensor) -> torch.Tensor:
+def as_scalar(name: str, value, like: torch.Tensor) -> torch.Tensor:
+    """``value`` (a number or a one-element floating tensor on ``like``'s device) as a 0-d tensor;
+    a ValueError naming ``name`` otherwise. Shared with ``declip_fast.losses.nns``."""
     if not isinstance(value, torch.Tensor):
         if not isinstance(value, (int, float)):
             raise ValueError(f"{name} must be a scalar tensor or a number, got {type(value).__name__}")
@@ -96,6 +98,9 @@ def _as_scalar(name: str, value, like: torch.Tensor) -> torch.Tensor:
     if value.device != like.device:
         raise ValueError(f"{name} is on {value.device} but the features are on {like.device}")
     return value.reshape(())
+
+
+_as_scalar = as_scalar  # the old private name, kept for one release
 
 
 def check_features(image_features: torch.Tensor, text_features: torch.Tensor) -> None:
@@ -181,7 +186,7 @@ class ClipLoss(nn.Module):
         output_dict: bool = False,
     ):
         check_features(image_features, text_features)
-        scale = _as_scalar("logit_scale", logit_scale, image_features)
+        scale = as_scalar("logit_scale", logit_scale, image_features)
         # Cast before any gather: 16-bit features also halve the collectives' traffic.
         (image_features, text_features), out_dtype = autocast_inputs(image_features, text_features)
         impl = resolve_impl(self.impl, image_features)
@@ -213,7 +218,7 @@ class ClipLoss(nn.Module):
         if logit_bias is not None:
             # A bias shared by every logit cancels in the softmax: no change to the loss, and
             # its gradient is exactly zero. Keep it in the graph so it still receives one.
-            bias = _as_scalar("logit_bias", logit_bias, image_features)
+            bias = as_scalar("logit_bias", logit_bias, image_features)
             loss = loss + 0.0 * bias.to(loss.dtype)
         return {"contrastive_loss": loss} if output_dict else loss
 

@@ -1,4 +1,5 @@
-"""DeCLIPLoss: CLIP's contrastive loss plus DeCLIP's four supervisions (SPEC section 1).
+"""DeCLIPLoss: CLIP's contrastive loss plus DeCLIP's four supervisions (see ARCHITECTURE.md,
+"The DeCLIP objective").
 
 Terms (each reported unweighted, for logging):
 

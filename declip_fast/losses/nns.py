@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from declip_fast.kernels import reference
-from declip_fast.losses.clip import IMPLS, _as_scalar, autocast_inputs, resolve_impl
+from declip_fast.losses.clip import IMPLS, as_scalar, autocast_inputs, resolve_impl
 
 
 def _normalized(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -275,7 +275,7 @@ class NNSLoss(nn.Module):
         and the returned loss is NaN (module docstring).
         """
         b, d = check_views(image_views, text_views)
-        scale = _as_scalar("logit_scale", logit_scale, image_views[0])
+        scale = as_scalar("logit_scale", logit_scale, image_views[0])
         to_enqueue = self._to_enqueue(enqueue, text_views[0])
         queue = self._queue_for(text_views[0])
         if to_enqueue is not None:

@@ -1,5 +1,5 @@
 """DeCLIP's self-supervised terms: SimSiam on the images (ISS), masked language modelling on the
-texts (TSS). See SPEC section 1."""
+texts (TSS). See ARCHITECTURE.md, "The DeCLIP objective"."""
 
 from __future__ import annotations
 

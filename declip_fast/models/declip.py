@@ -15,7 +15,8 @@ conventions: normalised features, exponentiated scale):
 - ``image_features``: list, one L2-normalised ``[B, E]`` tensor per image view given;
 - ``text_features``: the same per text view;
 - ``image_proj`` / ``image_pred``: SimSiam's z and p per view (from the *un-normalised* image
-  embeddings, SPEC 1), when the heads exist and both image views are given;
+  embeddings, as DeCLIP's SimSiam head takes them), when the heads exist and both image views
+  are given;
 - ``mlm_logits``: ``[K, vocab]`` for the K positions ``mlm_positions`` selects in ``text_1``'s
   final token states (bool mask ``[B, L]`` or flat int indices, see ``heads.gather_positions``),
   in row-major order: the matching targets are ``targets[mask]``;
@@ -25,15 +26,15 @@ conventions: normalised features, exponentiated scale):
   logits, with ``mlm_count`` (how many positions it averages, for the mean over ranks). The
   training path; ``DeCLIPLoss`` takes either form;
 - ``logit_scale``: ``exp(self.logit_scale)`` as a 0-dim tensor, unclamped (the trainer keeps
-  the parameter in [ln 20, ln 100] after each step, SPEC 3).
+  the parameter in [ln 20, ln 100] after each step, ``train.optim.clamp_logit_scale``).
 
 Heads that are built are used: build the model with ``simsiam=None`` / ``mlm=False`` when the
 loss does not need them (``DeCLIPLoss.needs()``), and they cost nothing.
 
 On accelerators, views share one forward pass where the tower is batch-independent (ViT, text,
 ResNet in eval): concatenating them halves the kernel launches and, under FSDP2, the parameter
-all-gathers per step. On the CPU each view runs alone: the doubled activations fall out of cache
-(tiny text tower, 2 x 128 captions: 264 ms fwd+bwd as two passes, 341 ms as one). The ResNet
+all-gathers per step. On the CPU each view runs alone: the doubled activations fall out of cache,
+so one pass over both views is slower than two. The ResNet
 in training always runs each view alone so each keeps its own batch-norm statistics.
 
 Meta-device flow (FSDP2): build under ``torch.device("meta")``, shard, ``to_empty(device=...)``,

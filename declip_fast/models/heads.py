@@ -1,12 +1,12 @@
 """DeCLIP's extra heads: SimSiam projector and predictor (image self-supervision) and the MLM
 head (text self-supervision).
 
-SimSiam (SPEC 1): projector Linear(d, h)+BN+ReLU, Linear(h, h)+BN+ReLU, Linear(h, h)+BN;
+SimSiam: projector Linear(d, h)+BN+ReLU, Linear(h, h)+BN+ReLU, Linear(h, h)+BN;
 predictor Linear(h, p)+BN+ReLU, Linear(p, h), with h = 1024, p = 512 for the paper models. A
 Linear followed by batch norm has no bias: BN subtracts the batch mean, so the bias could never
-matter (the official SimSiam code drops it too). Under data parallelism convert these BNs with
-``nn.SyncBatchNorm.convert_sync_batchnorm`` if per-rank batches are small (that is the trainer's
-call: models never import torch.distributed).
+matter (the official SimSiam code drops it too). Under data parallelism the trainer converts these
+BNs to global-batch ones (``declip_fast.distributed.batchnorm.convert``, which also runs on gloo);
+models never import torch.distributed.
 
 MLM: a BERT-style transform (Linear(W, W), GELU, LayerNorm) then Linear(W, vocab). It runs only
 on the positions it is given, gathered *before* the transform: at B = 128, 77 tokens, vocab 49,409,

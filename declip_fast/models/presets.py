@@ -1,9 +1,9 @@
 """Named model configurations and ``build``.
 
-Paper models (SPEC 2): ``declip_r50`` (embed 1024), ``declip_vit_b32`` and ``declip_vit_b16``
-(embed 512), each with SimSiam heads (1024 / 512) and the MLM head; ``clip_*`` are the same towers
-without heads. Both towers use QuickGELU, as CLIP's and DeCLIP's released weights do
-(``act="gelu"`` is an override away). The vocabulary is CLIP's plus ``<mask>`` everywhere, so one
+Paper models (the towers the DeCLIP paper trains): ``declip_r50`` (embed 1024), ``declip_vit_b32``
+and ``declip_vit_b16`` (embed 512), each with SimSiam heads (1024 / 512) and the MLM head;
+``clip_*`` are the same towers without heads. Both towers use QuickGELU, as CLIP's and DeCLIP's
+released weights do (``act="gelu"`` is an override away). The vocabulary is CLIP's plus ``<mask>`` everywhere, so one
 tokenizer serves all presets.
 
 Tiny CPU variants for tests and the demo: ``declip_tiny`` / ``clip_tiny`` (ViT, patch 8 on 32x32

@@ -10,10 +10,10 @@ A checkpoint is one folder, ``run_dir/checkpoints/step_XXXXXXXX/``::
 
 Atomicity: everything is written into ``step_XXXXXXXX.tmp/`` (every file fsynced; DCP's
 ``FileSystemWriter`` fsyncs its own), and only after every rank has finished does rank 0 write
-the manifest of checksums, then ``COMPLETE``, ``os.replace`` the folder to its final name and fsync the parent folder. Only a
-folder whose name is exactly ``step_<digits>`` *and* that holds ``COMPLETE`` is a checkpoint, so
-a crash at any point leaves the previous checkpoint as the newest one. Stale ``.tmp`` folders
-are removed by the next successful save.
+the manifest of checksums, then ``COMPLETE``, ``os.replace`` the folder to its final name and
+fsync the parent folder. Only a folder whose name is exactly ``step_<digits>`` *and* that holds
+``COMPLETE`` is a checkpoint, so a crash at any point leaves the previous checkpoint as the newest
+one. Stale ``.tmp`` folders are removed by the next successful save.
 
 Choices, and why:
 
@@ -40,12 +40,10 @@ what a loader position means under another world size). Only numpy's legacy glob
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
 import random
-import re
 import shutil
 import warnings
 from pathlib import Path
@@ -55,21 +53,27 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
     get_state_dict,
-    set_model_state_dict,
     set_state_dict,
 )
 
-from declip_fast.train import manifest
-from declip_fast.train.manifest import MANIFEST, CheckpointDamaged
+from declip_fast.distributed import manifest
+# The folder layout and the model-only reading live below train (eval reads checkpoints too).
+from declip_fast.distributed.checkpoint_format import (  # noqa: F401  (re-exported)
+    _NAME,
+    COMPLETE,
+    STATE_FILE,
+    check_complete,
+    complete_checkpoints,
+    load_model_for_eval,
+    step_of,
+)
+from declip_fast.distributed.checkpoint_format import single_process_is_intended as _single_process_is_intended
+from declip_fast.distributed.manifest import MANIFEST, CheckpointDamaged
 
 __all__ = ["COMPLETE", "MANIFEST", "STATE_FILE", "CheckpointDamaged", "Checkpointer", "check_complete",
            "load_model_for_eval", "rng_state", "set_rng_state", "step_of"]
 
-COMPLETE = "COMPLETE"
-STATE_FILE = "state.pt"
-_NAME = re.compile(r"^step_(\d{8,})$")
 _PLAIN = (str, int, float, bool, bytes, type(None), torch.Tensor, torch.dtype, torch.device,
           torch.Size)
 
@@ -107,14 +111,6 @@ def _on_rank0(fn, what: str) -> None:
         error = box[0]
     if error is not None:
         raise RuntimeError(f"checkpoint {what} failed on rank 0: {error}")
-
-
-@contextlib.contextmanager
-def _single_process_is_intended():
-    """DCP warns on every save/load without a process group; here that is the intent."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
 
 
 def _fsync_dir(path: Path) -> None:
@@ -188,37 +184,6 @@ def set_rng_state(state: dict) -> None:
 # ----------------------------------------------------------------------------- folders
 
 
-def step_of(path: str | os.PathLike) -> int:
-    """The step of checkpoint folder ``path`` (from its name ``step_XXXXXXXX``)."""
-    match = _NAME.match(Path(path).name)
-    if match is None:
-        raise ValueError(f"{path} is not a checkpoint folder name (step_XXXXXXXX)")
-    return int(match.group(1))
-
-
-def check_complete(path: str | os.PathLike) -> Path:
-    """``path`` as a Path if it is a complete checkpoint folder, else a ValueError or
-    FileNotFoundError that names the path and what is missing."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if not path.is_dir():
-        raise ValueError(f"checkpoint {path} is not a folder")
-    if _NAME.match(path.name) is None:
-        hint = " (a half-written save)" if path.name.endswith(".tmp") else ""
-        raise ValueError(
-            f"checkpoint {path} is not a checkpoint folder{hint}: expected a folder named "
-            "step_XXXXXXXX under run_dir/checkpoints (or resume=auto for the newest)"
-        )
-    missing = [n for n in (COMPLETE, ".metadata", STATE_FILE, MANIFEST) if not (path / n).is_file()]
-    if missing:
-        raise ValueError(
-            f"checkpoint {path} is incomplete: missing {', '.join(missing)} "
-            "(the save did not finish; resume from an earlier checkpoint)"
-        )
-    return path
-
-
 class Checkpointer:
     """Saves to and resumes from ``run_dir/checkpoints``, keeping the ``keep`` newest
     (``keep=None`` keeps all). ``save`` and ``load`` are collective: every rank calls them."""
@@ -235,11 +200,7 @@ class Checkpointer:
 
     def complete(self) -> list[Path]:
         """Complete checkpoint folders, oldest first."""
-        if not self.dir.is_dir():
-            return []
-        found = [p for p in self.dir.iterdir()
-                 if _NAME.match(p.name) and p.is_dir() and (p / COMPLETE).is_file()]
-        return sorted(found, key=step_of)
+        return complete_checkpoints(self.dir)
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint, or None; half-written folders are ignored."""
@@ -375,24 +336,3 @@ def _finalize(tmp: Path, final: Path, step: int) -> None:
     else:
         os.replace(tmp, final)
     _fsync_dir(final.parent)
-
-
-def load_model_for_eval(path_or_run_dir: str | os.PathLike, model) -> Path:
-    """Load only the model weights into ``model`` (unsharded, one process, no process group)
-    from a checkpoint folder or a run folder (its newest checkpoint); returns the folder."""
-    path = Path(path_or_run_dir)
-    if (path / "checkpoints").is_dir() or not _NAME.match(path.name):
-        found = Checkpointer(path).latest()
-        if found is None:
-            raise FileNotFoundError(
-                f"{path} is neither a checkpoint folder nor a run folder with a complete "
-                f"checkpoint under {path / 'checkpoints'}"
-            )
-        path = found
-    path = check_complete(path)
-    manifest.verify(path)
-    target = {"model": get_model_state_dict(model)}
-    with _single_process_is_intended():
-        dcp.load(target, storage_reader=dcp.FileSystemReader(str(path)), no_dist=True)
-    set_model_state_dict(model, target["model"])  # takes the FQNs get_model_state_dict made
-    return path

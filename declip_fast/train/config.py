@@ -37,19 +37,12 @@ from declip_fast.atomic import atomic_write
 from declip_fast.data.loader import DataConfig
 from declip_fast.losses.declip import PRESETS as LOSS_PRESETS
 from declip_fast.losses.declip import DeCLIPLossConfig
+from declip_fast.models.model_config import ModelConfig  # defined with the models (eval reads it)
 from declip_fast.train.errors import ConfigError
 from declip_fast.train.optim import OptimConfig
 from declip_fast.train.validate import check_values
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the repository's presets
-
-
-@dataclass
-class ModelConfig:
-    preset: str = "declip_tiny"  # declip_fast.models.presets name
-    overrides: dict = field(default_factory=dict)  # DeCLIPConfig fields, e.g. {vision: {image_size: 32}}
-    grad_checkpointing: bool = False
-    compile: bool = False  # torch.compile each block (before FSDP wraps it)
 
 
 @dataclass

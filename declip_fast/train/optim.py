@@ -1,4 +1,5 @@
-"""Optimizer, learning-rate schedule and the logit-scale clamp (SPEC section 3).
+"""Optimizer, learning-rate schedule and the logit-scale clamp: what the paper recipes in
+``configs/`` use (README, "Train").
 
 - Parameter groups: weight decay on matrices and convolution kernels only; none on norms,
   biases, embeddings' positional tables, class tokens and ``logit_scale`` (every parameter with

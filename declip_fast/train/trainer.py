@@ -41,7 +41,7 @@ from tqdm import tqdm
 from declip_fast.data.demo import ensure_demo_data
 from declip_fast.data.loader import build_loader
 from declip_fast.distributed import batchnorm, fsdp
-from declip_fast.eval import zeroshot
+from declip_fast.eval import zeroshot  # train may import eval; eval never imports train
 from declip_fast.losses.declip import DeCLIPLoss
 from declip_fast.models import presets
 from declip_fast.train.checkpoint import Checkpointer

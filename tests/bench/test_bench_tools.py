@@ -37,7 +37,8 @@ def _suite(*args, **env):
 def results(tmp_path_factory):
     """A results file from the driver, with its report written next to it."""
     path = tmp_path_factory.mktemp("bench") / "results.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--json", str(path), "benchmarks/bench_clip_loss.py"],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--json", str(path),
+                           "benchmarks/bench_clip_loss.py"],
                           cwd=REPO, env=_env(BENCH_CLIP_LOSS_N="256"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return path, proc.stdout
@@ -73,7 +74,8 @@ def test_results_file_records_machine_and_tables(results):
         assert len(info["git_commit"]) == 40 and isinstance(info["git_dirty"], bool)
     entries = {e["params"]["impl"]: e for e in data["benchmarks"]}
     assert set(entries) == {"ours", "open_clip"}
-    assert all(e["extra_info"]["n"] == 256 and isinstance(e["extra_info"]["peak_extra_bytes"], int) for e in entries.values())
+    assert all(e["extra_info"]["n"] == 256 and isinstance(e["extra_info"]["peak_extra_bytes"], int)
+               for e in entries.values())
     (table,) = [rows for name, rows in data["tables"].items() if name.startswith("ClipLoss")]
     assert table[0]["N"] == 256
     # The driver printed the one ratio table and wrote the report next to the file.

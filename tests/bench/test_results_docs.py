@@ -29,7 +29,8 @@ def test_readme_render_replaces_only_between_markers(tmp_path):
 
 
 def test_summary_mean_and_spread():
-    runs = [{"method": "clip", "fraction": 0.5, "seed": s, "top1": t, "top5": 0.9} for s, t in enumerate([0.2, 0.4, 0.9])]
+    runs = [{"method": "clip", "fraction": 0.5, "seed": s, "top1": t, "top5": 0.9}
+            for s, t in enumerate([0.2, 0.4, 0.9])]
     (row,) = data_efficiency.summarize(runs)
     assert row["seeds"] == 3 and row["top1_min"] == 0.2 and row["top1_max"] == 0.9
     assert row["top1_mean"] == pytest.approx(0.5)

@@ -106,7 +106,8 @@ def _torch_path(monkeypatch, images, gen, cfg):
 
 @pytest.mark.parametrize("layout", ["ffcv", "nchw", "strided", "float"])
 @pytest.mark.parametrize("cfg", [A.AugmentConfig(), A.AugmentConfig(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0),
-                                 A.AugmentConfig(jitter_p=1.0, grayscale_p=0.5, blur_p=1.0)], ids=["moco", "none", "all"])
+                                 A.AugmentConfig(jitter_p=1.0, grayscale_p=0.5, blur_p=1.0)],
+                         ids=["moco", "none", "all"])
 def test_numba_augment_equals_the_torch_path(monkeypatch, layout, cfg):
     images = _layouts()["ffcv" if layout == "float" else layout]
     if layout == "float":
@@ -126,7 +127,7 @@ def test_numba_blur_matches_torchvision_per_sample():
     kernels = A.gaussian_kernels(sigma[chosen], 9)
     out = images.clone()
     augment_cpu.blur_(out, chosen, kernels)
-    for j, b in enumerate(chosen.tolist()):
+    for b in chosen.tolist():
         ref = TF.gaussian_blur(images[b], [9, 9], [sigma[b].item()] * 2)
         torch.testing.assert_close(out[b], ref, atol=1e-5, rtol=0)
     untouched = [1, 3]

@@ -20,81 +20,20 @@ from declip_fast.data import augment as A
 from declip_fast.data import loader as L
 from declip_fast.data.masking import IGNORE_INDEX
 from declip_fast.data.tokenizer import tokenize
+from tests.data.pairs import N, write_beton
+from tests.data.pairs import captions as _captions
 from tests.distributed.launch import run_ranks
 
-N, SIZE, BATCH = 64, 32, 8
+# FFCV's JIT compiler off for this module (tiny epochs): tests/conftest.py.
+pytestmark = pytest.mark.usefixtures("ffcv_uncompiled")
+
+SIZE, BATCH = 32, 8
 BACKENDS = ["ffcv", "torch"]
 # Loader variants: FFCV with its fused two-view decoder (default), FFCV with two pipelines on the
 # image field, and the torch fallback.
 VARIANTS = ["ffcv", "ffcv-2pipe", "torch"]
-CAPTION_WORDS = ["red car", "small dog", "old church", "green bicycle", "happy child", "tall building"]
 MEAN = torch.tensor(A.IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(A.IMAGENET_STD).view(1, 3, 1, 1)
-
-
-def _captions():
-    return [f"a photo of a {CAPTION_WORDS[i % 6]} near the quiet river number {i}" for i in range(N)]
-
-
-def _eda_variants(caption: str, i: int) -> list[str]:
-    from declip_fast.data.eda import eda
-
-    rng = random.Random(1000 + i)
-    return [eda(caption, rng) for _ in range(4)]
-
-
-def write_beton(path, images, captions):
-    """The .beton layout of declip_fast.data.write: image, tokens, eda_tokens [4, 77], index."""
-    from ffcv.fields import IntField, NDArrayField, RGBImageField
-    from ffcv.writer import DatasetWriter
-
-    tokens = tokenize(captions).numpy().astype(np.int32)
-    eda_tokens = np.stack([tokenize(_eda_variants(c, i)).numpy().astype(np.int32)
-                           for i, c in enumerate(captions)])
-
-    class Rows:
-        def __len__(self):
-            return len(images)
-
-        def __getitem__(self, i):
-            return images[i], tokens[i], eda_tokens[i], i
-
-    fields = {"image": RGBImageField(write_mode="jpg"), "tokens": NDArrayField(np.dtype("int32"), (77,)),
-              "eda_tokens": NDArrayField(np.dtype("int32"), (4, 77)), "index": IntField()}
-    DatasetWriter(str(path), fields, num_workers=1).from_indexed_dataset(Rows())
-    return eda_tokens
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("pairs")
-    rng = np.random.default_rng(0)
-    captions, images = _captions(), []
-    for i in range(N):
-        h, w = rng.integers(40, 64, size=2)
-        base = rng.integers(0, 256, size=(1, 1, 3))  # a colour per image, plus noise: never gray
-        pixels = np.clip(base + rng.normal(0, 60, size=(h, w, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(root / f"{i}.jpg", quality=90)
-        images.append(np.asarray(Image.open(root / f"{i}.jpg").convert("RGB")))
-    with open(root / "pairs.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["image", "caption"])
-        writer.writerows([(f"{i}.jpg", c) for i, c in enumerate(captions)])
-    eda_tokens = write_beton(root / "data.beton", images, captions)
-    return {"root": root, "beton": str(root / "data.beton"), "csv": str(root / "pairs.csv"),
-            "captions": captions, "tokens": tokenize(captions),
-            "eda_tokens": torch.from_numpy(eda_tokens).long()}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def no_jit():
-    from ffcv.pipeline.compiler import Compiler
-
-    Compiler.set_enabled(False)
-    yield
-    Compiler.set_enabled(True)
 
 
 def _config(data, backend, **kw):
@@ -282,7 +221,7 @@ def test_each_view_is_flipped_independently_with_p_half(gradients, backend):
 
 def test_ffcv_text_2_is_one_of_the_written_eda_variants(data):
     picked = []
-    for epoch in range(2):
+    for _ in range(2):
         batches = _epoch(data, "ffcv")
         index, text_2 = _cat(batches, "index"), _cat(batches, "text_2")
         variants = data["eda_tokens"][index]  # [N, 4, 77]

@@ -11,7 +11,9 @@ import torch
 
 from declip_fast.data import augment as A
 from declip_fast.data import loader as L
-from tests.data.test_loaders import BATCH, N, _cat, _config, data, no_jit  # noqa: F401 (fixtures)
+from tests.data.test_loaders import BATCH, N, _cat, _config
+
+pytestmark = pytest.mark.usefixtures("ffcv_uncompiled")  # tiny epochs: tests/conftest.py
 
 KEYS = {"images_1", "images_2", "text_1", "mlm_targets", "text_2", "index"}
 BATCHES = N // BATCH

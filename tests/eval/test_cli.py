@@ -59,8 +59,9 @@ def test_load_model_from_a_run_folder_goes_through_the_trainer(tmp_path, monkeyp
     with pytest.raises(ValueError, match="is not a run folder"):
         load_model(run, None)
     (run / "config.yaml").write_text("model:\n  preset: clip_tiny\n")
-    stub = types.ModuleType("declip_fast.train.checkpoint")  # records what the trainer's loader gets
-    monkeypatch.setitem(sys.modules, "declip_fast.train.checkpoint", stub)
+    # records what the checkpoint reader (shared with the trainer) gets
+    stub = types.ModuleType("declip_fast.distributed.checkpoint_format")
+    monkeypatch.setitem(sys.modules, "declip_fast.distributed.checkpoint_format", stub)
     seen = []
     stub.load_model_for_eval = lambda path, model: seen.append((path, model)) or path
     model = load_model(run, None)

@@ -5,7 +5,7 @@ as a real launch would build it, without spills, within the register ceiling, on
 import pytest
 import torch
 
-from benchmarks.sm90 import (MAX_REGISTERS, compile_sm90, contrastive_specs, hopper_problems,
+from benchmarks.sm90 import (compile_sm90, contrastive_specs, hopper_problems,
                              lookup_specs, specialize)
 
 SIGNATURE = {

@@ -39,9 +39,9 @@ def _features(b=256, d=64, seed=0):
     return unit(), unit(), torch.tensor(14.0)
 
 
-def _run(loss_fn, img, txt, scale, ctx=contextlib.nullcontext()):
+def _run(loss_fn, img, txt, scale, ctx=None):
     img, txt, scale = (t.clone().requires_grad_(True) for t in (img, txt, scale))
-    with ctx:
+    with ctx if ctx is not None else contextlib.nullcontext():
         loss = loss_fn(img, txt, scale)
     (loss * UPSTREAM).backward()
     return loss.detach(), img.grad, txt.grad, scale.grad

@@ -28,7 +28,8 @@ def _exact(x, w, b, t, reduction, scale=1.0):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("tile", [(1, 1), (5, 23), (16, 300), (100, 1000)])  # tiny, ragged, one vocabulary tile, one tile
+# tiny, ragged, one vocabulary tile, one tile
+@pytest.mark.parametrize("tile", [(1, 1), (5, 23), (16, 300), (100, 1000)])
 def test_matches_pytorch_float64(rng, reduction, bias, tile):
     x, w, b, t = _inputs(rng, 37, 211, 16, bias=bias)
     leaves = [a.requires_grad_() for a in (x, w) + ((b,) if bias else ())]

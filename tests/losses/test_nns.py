@@ -220,7 +220,7 @@ def test_matches_dense_float64_model(b, d, size, n_img, n_txt, dtype, enqueue, r
         extra = ENQUEUE[enqueue](texts + texts)
         pushed = texts[0] if extra is None else (None if extra is False else extra)
         got = _loss_and_grads(ours, images, texts, scale, enqueue=extra)
-        want = _loss_and_grads(lambda i, t, s: dense.step(i, t, s, pushed),
+        want = _loss_and_grads(lambda i, t, s, pushed=pushed: dense.step(i, t, s, pushed),
                                [x.double() for x in images], [t.double() for t in texts],
                                scale.double())
         if want is None:

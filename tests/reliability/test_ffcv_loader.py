@@ -29,10 +29,10 @@ pytest.importorskip("ffcv")
 from declip_fast.data import augment as A  # noqa: E402
 from declip_fast.data import loader as L  # noqa: E402
 from declip_fast.data.beton import LoaderThreadError  # noqa: E402
-from tests.data.test_loaders import data, no_jit  # noqa: E402,F401 (fixtures)
 from tests.data.test_resume import _assert_same, _loader  # noqa: E402
 
 N, BATCH, SIZE = 32, 8, 16
+pytestmark = pytest.mark.usefixtures("ffcv_uncompiled")  # tiny epochs: tests/conftest.py
 NO_COLOUR = A.AugmentConfig(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
 
 

@@ -17,7 +17,7 @@ def test_every_preset_loads_and_has_the_run_keys(name):
     assert cfg.model.preset in (name, "declip_tiny")
     if name.startswith("clip"):
         assert cfg.loss.clip == 1.0 and not (cfg.loss.mvs or cfg.loss.iss or cfg.loss.tss or cfg.loss.nns)
-    if name != "demo":  # SPEC section 3
+    if name != "demo":  # the paper recipe: AdamW, lr 1e-3, 2.5k warm-up, global batch 4096
         o = cfg.optim
         assert (o.lr, o.betas, o.eps, o.weight_decay, o.warmup_steps) == (1e-3, (0.9, 0.98), 1e-8, 0.1, 2500)
         assert cfg.steps == 128_000 and cfg.data.batch_size * 32 == 4096
