@@ -1,78 +1,42 @@
 """Fused contrastive (InfoNCE / CLIP) loss in Triton: the N x N logits never leave the chip.
 
-Problem. Rows ``a`` [M, D] (images), columns ``b`` [N, D] (texts), scale ``s``; logits
-``X = s * a @ b.T``. Row i's positive is column ``offset + i``. We need per row
-``lse_r(i) = logsumexp_j X[i, j]``, per column (symmetric loss) ``lse_c(j) = logsumexp_i X[i, j]``,
-and the positives ``X[i, offset + i]``.
+Rows ``a`` [M, D] (images), columns ``b`` [N, D] (texts), scale ``s``, logits ``X = s * a @ b.T``;
+row i's positive is column ``offset + i``. The loss needs each row's log-sum-exp, each column's
+(symmetric loss) and the positives. ARCHITECTURE.md ("The kernels") draws the whole design.
 
-Forward. The (row block x column block) tiles are cut into P_r x P_c rectangles of balanced
-sizes, one program each (:func:`~declip_fast.kernels.tuning.plan_rectangles` picks P_r, P_c for
-whole waves of programs). A program walks its rectangle row block by row block; for each tile it
-runs a K-loop over D (``tl.dot``, fp32 accumulation), scales by ``s * log2(e)`` (everything on chip
-is base 2, so exponentials are ``exp2``) and updates:
+Forward: the tiles are cut into P_r x P_c rectangles of balanced sizes, one program each, planned
+for whole waves (:func:`~declip_fast.kernels.tuning.plan_rectangles`). A program walks its
+rectangle row block by row block; per tile a K-loop of ``tl.dot`` (fp32 accumulation), then in
+base 2 (``exp2``) a running (max, sum) for the rows in registers and, for the columns, a (max,
+sum) in slot ``pid_r`` of a ``[P_r, N]`` buffer this program alone owns (initialised at its first
+row block; a barrier orders each write before the next read, as the threads reading a column need
+not be those that wrote it); the positives come off the tile holding the diagonal. The host folds
+the partials with one log-sum-exp each. No program reads what another wrote: the result does not
+depend on program order.
 
-- the row statistics of the current row block, a running (max, sum of exp2) pair in registers;
-- the column statistics of the tile's columns, a (max, sum) pair in slot ``pid_r`` of a partial
-  buffer ``[P_r, N]`` that this program alone owns (initialised on its first row block, merged and
-  written back after each; a barrier orders the write before the next read, since the threads
-  that read a column need not be the ones that wrote it);
-- the positive logits, read off the one tile that holds each row's diagonal entry.
+Backward: two owner passes, no atomics. ``dX = w_r * P_row + w_c * P_col - w_pos * I`` is
+recomputed tile by tile. The row pass gives a program BP rows and a BD-wide chunk of D; it walks
+every column block, recomputes the logits, forms dX and accumulates ``dA += s * dX @ b[:, chunk]``
+in registers; the column pass does the same for dB. Each gradient element is written once, by its
+owner: bit-identical across runs and program orders. 10 N^2 D FLOPs per loss step when a chunk
+covers D (forward 2, each pass 4). When the owners alone cannot fill the GPU (the gathered mode at
+B = 128 rows a rank) the other axis is cut into S ranges whose fp32 partials ``[S, M, D]`` are
+summed on the host in a fixed order; ``d s = sum(dX * X) / s`` is folded the same way. Memory
+beyond inputs and gradients: the forward's (P_r + P_c) x N pairs, O(N) statistics, and the split
+partials (at most SPLIT_WORKSPACE_BYTES).
 
-Pairs merge as ``sum = s1 * exp2(m1 - m) + s2 * exp2(m2 - m)``, ``m = max(m1, m2)``, so no
-exponential overflows. The host folds the P_c row partials and the P_r column partials with one
-log-sum-exp each: O((P_r + P_c) * N) memory, one logits product for both directions, and no
-program reads what another wrote, so the result does not depend on program order.
+Numerics: fp32 accumulation; 16-bit inputs go to ``tl.dot`` as they are (exact products), fp32
+inputs through ``tf32x3`` (three TF32 products, about fp32 accuracy). dX is held relative to
+``w_pos`` (``|dX| <= 1``) and multiplied by DX_SCALE = 2^14 before its 16-bit copy, so
+probabilities down to 2^-28 stay normal in fp16 (unscaled they go subnormal below 2^-14, ~1/N at
+N > 16K); the power of two is divided out in fp32. Masked logits are ``-inf``; offsets are int64,
+so N * D may pass 2^31. Tiles, and why: ``kernels/configs.py``.
 
-Backward: two owner passes, no atomics. ``dX = w_r * P_row + w_c * P_col - w_pos * I`` (with
-``P_row = exp2(x - lse_r)``, ``P_col = exp2(x - lse_c)``) is recomputed tile by tile. The row pass
-gives each program BP rows and a BD-wide chunk of D: it walks every column block, recomputes the
-logits (2 BP*BN*D FLOPs a tile), forms dX and accumulates ``dA += s * dX @ b[:, chunk]`` in
-registers; the column pass does the same from the columns' side for dB. Every gradient element is
-written once, by its owner, so the backward is bit-identical across runs and program orders. 10 MND
-FLOPs in all (forward 2, each pass 4) against 8 for a one-pass backward with atomics, which in
-exchange would issue one fp32 atomic per ~2*BN FLOPs and give order-dependent bits. When the owners
-alone cannot fill the GPU (the gathered mode at B = 128 rows per rank), the other axis is cut into
-S ranges whose fp32 partials ``[S, M, D]`` are summed on the host in a fixed order.
-``d s = sum(dX * X) / s`` is summed per row-pass program and folded on the host in a fixed order.
-
-Memory beyond inputs and gradients: the forward's (P_r + P_c) x N partial pairs, then O(N)
-statistics, plus the S-way partials when S > 1 (bounded by SPLIT_WORKSPACE_BYTES).
-
-Numerics. fp32 accumulation everywhere; bf16/fp16 inputs are loaded as they are for ``tl.dot``
-(exact products, fp32 sums); fp32 inputs use ``tf32x3`` dots (three TF32 tensor-core products,
-about fp32 accuracy). dX is held relative to ``w_pos`` (so ``|dX| <= 1``) and multiplied by
-DX_SCALE = 2^14 before its 16-bit copy for the tensor cores: probabilities down to 2^-28 stay
-normal in fp16 (unscaled, fp16 goes subnormal below 2^-14, i.e. ~1/N at N > 16K); the exact power
-of two is divided out in fp32. Masked logits are ``-inf`` (exp2 gives 0). Offsets into ``a``, ``b``
-and the gradients are int64, so N * D may exceed 2^31.
-
-Hopper tiles (reasoning and sm_90 builds; not yet timed on a GPU). ptxas left alone takes every
-register up to 255 (no occupancy target), so each config carries ``maxnreg`` (232, 240 for fp32)
-and the compile test holds each specialised build to no spills. Forward: a GEMM whose epilogue
-per tile is two max/sum reductions and ~2 exp2 per logit; 128 x 64 tiles on two warpgroups
-(BK = 64, 3 stages: 228 registers, 72 KiB shared at D = 512) and 64 x 128 on one; 128 x 128 spills
-even at 240 registers, because the logits tile lives twice (values and exponentials). At ~230
-registers x 256 threads one program fits per SM, so grids are planned in whole waves of one
-program per SM. Backward: the owner accumulator ``[BP, BD]`` fp32 stays in registers for the
-whole walk; 64 x 256 on two warpgroups builds at 204 registers, 64 x 512 spills (392 bytes at
-240), so D = 512 runs as two chunks that each recompute the logits: 14 N^2 D per loss step
-instead of 10, accepted over spilling an accumulator that every tile updates. What bounds it:
-each tile's K-loop streams (BM + BN) x D operands from L2, 43 FLOPs a byte at 128 x 64 in 16
-bits, so the kernels are L2-bound before they are MMA-bound: ``benchmarks/kernel_budget.py``
-puts the loss step (14 N^2 D at N = 32768, D = 512, bf16) at 22% of bf16 peak for an L2 of
-5.5 TB/s (a PCIe H100's measured figure) and 47% at 12 TB/s. The design aims at ~40%: L2 near
-the upper figure on an SXM H100, wgmma from one or two warpgroups without FlashAttention-3's
-ping-pong scheduling (the exp2 epilogue is not hidden), and half the backward's FLOPs (two
-thirds at D = 512) recomputing logits. The levers a GPU run will rank: 128 x 128 forward tiles
-(fewer L2 bytes per FLOP; today they spill, the logits tile lives twice), a D-resident operand
-in shared memory, and whole-D accumulators once registers allow.
-
-Distributed (``local_loss=True, gather_with_grad=True``): each rank passes its B local rows and the
-N gathered columns. Row statistics are local; the column statistics of local rows are all-gathered
-(one collective of N pairs) and folded, so every logit of the global N x N matrix is computed once
-in the whole job. The column pass covers every column and its gradient travels back to the owners
-through the gather's reduce-scatter; after DDP/FSDP averaging the gradients of the features and of
-``s`` equal the single-process global-batch loss.
+Distributed (``local_loss=True, gather_with_grad=True``): each rank passes its B rows and the N
+gathered columns; the column statistics of its rows are all-gathered (N pairs) and folded, so
+every logit of the global matrix is computed once in the job. The column pass covers every column
+and its gradient reaches the owners through the gather's reduce-scatter; averaged over ranks, the
+gradients of the features and of ``s`` equal the single-process global-batch loss's.
 """
 
 from __future__ import annotations
@@ -82,6 +46,9 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from declip_fast.kernels.configs import (ANY_D_BWD, CONTRASTIVE_BWD as HOPPER_BWD,  # noqa: F401
+                                         CONTRASTIVE_FWD as HOPPER_FWD, INTERPRETER_BWD,
+                                         INTERPRETER_FWD)
 from declip_fast.kernels.tuning import (bucket, concurrent_programs, dot_precision, interpreting,
                                         launch_device, plan_rectangles, plan_splits, tuning)
 
@@ -96,33 +63,6 @@ MAX_PROGRAMS_PER_AXIS = 32
 # Backward: at most this many ranges of the reduction axis, and this much fp32 for their partials.
 MAX_SPLITS = 32
 SPLIT_WORKSPACE_BYTES = 64 << 20
-
-# Hopper (sm_90) tilings per input class; each compiles for sm_90 without spills and within the
-# register ceiling (tests/kernels/test_sm90_compile.py). The interpreter gets one config with big
-# tiles (its cost is per program and loop iteration, almost whatever the tile) and a BD
-# narrower than the widest test D, so the D-chunk walk runs on the CPU too.
-HOPPER_FWD = {
-    "16-bit": [
-        (dict(BM=128, BN=64, BK=64), dict(num_warps=8, num_stages=3, maxnreg=232)),
-        (dict(BM=64, BN=128, BK=64), dict(num_warps=4, num_stages=3, maxnreg=232)),
-        (dict(BM=128, BN=64, BK=32), dict(num_warps=8, num_stages=4, maxnreg=232)),
-    ],
-    "fp32": [(dict(BM=64, BN=64, BK=16), dict(num_warps=4, num_stages=3, maxnreg=240))],
-}
-HOPPER_BWD = {
-    "16-bit": [
-        (dict(BP=64, BQ=64, BK=64, BD=256), dict(num_warps=8, num_stages=3, maxnreg=232)),
-        (dict(BP=128, BQ=64, BK=64, BD=128), dict(num_warps=8, num_stages=2, maxnreg=232)),
-        (dict(BP=64, BQ=128, BK=64, BD=128), dict(num_warps=8, num_stages=2, maxnreg=232)),
-    ],
-    "fp32": [(dict(BP=64, BQ=32, BK=16, BD=64), dict(num_warps=4, num_stages=2, maxnreg=240))],
-}
-# The backward configs that stay spill-free when D is not a multiple of 16 (no vectorised,
-# divisibility-hinted loads): the others are dropped for such D.
-ANY_D_BWD = [dict(BP=64, BQ=64, BK=64, BD=256), dict(BP=64, BQ=32, BK=16, BD=64)]
-INTERPRETER_FWD = {"any": [(dict(BM=64, BN=64, BK=128), dict(num_warps=4, num_stages=1))]}
-INTERPRETER_BWD = {"any": [(dict(BP=64, BQ=64, BK=128, BD=256), dict(num_warps=4, num_stages=1))]}
-
 
 def _narrow_chunk(meta: dict, args: dict) -> dict | None:
     """A D-chunk no wider than D (rounded up to 16): a chunk past D would multiply zeros. For D

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from declip_fast.kernels.configs import LOOKUP as HOPPER  # noqa: F401 (tests and benchmarks read it here)
+from declip_fast.kernels.configs import LOOKUP_INTERPRETER as INTERPRETER
 from declip_fast.kernels.reference import check_lookup
 from declip_fast.kernels.tuning import (bucket, concurrent_programs, dot_precision, interpreting,
                                         launch_device, tuning)
@@ -36,21 +38,6 @@ PROGRAMS_PER_SM = 4
 MAX_SPLITS = 64
 
 
-# Hopper (sm_90) tilings per input class; each compiles for sm_90 without spills
-# (tests/kernels/test_sm90_compile.py checks). The interpreter gets one config with big tiles.
-HOPPER = {
-    "16-bit": [
-        (dict(BM=128, BN=128, BK=64), dict(num_warps=8, num_stages=3, maxnreg=232)),
-        (dict(BM=128, BN=128, BK=64), dict(num_warps=8, num_stages=4, maxnreg=232)),
-        (dict(BM=128, BN=64, BK=64), dict(num_warps=4, num_stages=3, maxnreg=232)),
-        (dict(BM=64, BN=64, BK=64), dict(num_warps=4, num_stages=4, maxnreg=232)),
-    ],
-    "fp32": [
-        (dict(BM=64, BN=64, BK=16), dict(num_warps=4, num_stages=3, maxnreg=232)),
-        (dict(BM=64, BN=32, BK=32), dict(num_warps=4, num_stages=3, maxnreg=232)),
-    ],
-}
-INTERPRETER = {"any": [(dict(BM=64, BN=64, BK=128), dict(num_warps=4, num_stages=1))]}
 SMALLEST_BM = 64
 
 
