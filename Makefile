@@ -2,12 +2,16 @@
 # idempotent and silent when nothing changed).
 PY := .venv/bin/python
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test test-fast lint demo bench clean
 setup:
 	@./scripts/setup.sh
 
 test: setup
 	$(PY) -m pytest
+
+# The edit loop: the suite without the tests marked slow.
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
 
 # The lint gate: ruff's pyflakes, pycodestyle and bugbear rules (configured in pyproject.toml).
 lint: setup

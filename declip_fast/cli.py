@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 DEMO_IMAGE_SIZE = 64
 
@@ -170,8 +171,33 @@ def _train(args, parser) -> int:
     return 0
 
 
-def _not_implemented(args, parser) -> int:
-    parser.exit(2, f"declip-fast {args.command}: not implemented yet\n")
+def _checkout() -> Path | None:
+    """The source checkout holding ``benchmarks/run.py``: the one this package was installed from
+    (an editable install), else the current folder; None when neither has it."""
+    import declip_fast
+
+    for root in (Path(declip_fast.__file__).resolve().parent.parent, Path.cwd()):
+        if (root / "benchmarks" / "run.py").is_file():
+            return root
+    return None
+
+
+def bench(argv: list[str]) -> int:
+    """``declip-fast bench [ARGS...]``: what ``make bench`` runs, from the source checkout (the
+    benchmarks are not part of the wheel): ``python -m benchmarks.run ARGS`` (ARGS go to it:
+    ``--json PATH``, bench files, ``-k ...``), then, if that passed, the kernel budget. Its exit
+    status is theirs; 2 when no checkout is found."""
+    import subprocess
+
+    root = _checkout()
+    if root is None:
+        print("error: declip-fast bench runs the benchmarks of a source checkout: no benchmarks/run.py "
+              "here or next to the installed package; run it from the repository root", file=sys.stderr)
+        return 2
+    code = subprocess.run([sys.executable, "-m", "benchmarks.run", *argv], cwd=root).returncode
+    if code == 0 and not {"-h", "--help"} & set(argv):
+        code = subprocess.run([sys.executable, "-m", "benchmarks.kernel_budget"], cwd=root).returncode
+    return code
 
 
 def _add_eval(sub) -> None:
@@ -186,12 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_write_dataset(sub)
     _add_train(sub)
     _add_eval(sub)
-    sub.add_parser("bench", help="benchmarks (not implemented yet; see `make bench`)").set_defaults(
-        func=_not_implemented)
+    # Only listed here: main() hands everything after `bench` to the benchmark runner untouched.
+    sub.add_parser("bench", help="run the benchmarks of the source checkout, as `make bench` "
+                   "(arguments go to benchmarks/run.py)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        return bench(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     return args.func(args, parser)

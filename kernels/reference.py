@@ -86,6 +86,15 @@ def _merge(m_old, s_old, m_new_tile, s_tile):
     return m, s_old * torch.exp(m_old - m_safe) + s_tile * torch.exp(m_new_tile - m_safe)
 
 
+def _merge_u(m_old, s_old, u_old, m_tile, s_tile, u_tile):
+    """:func:`_merge` of (max, sum of exp, sum of exp * logit) triples: ``u / s`` is the
+    softmax-weighted mean logit (the derivative of the log-sum-exp along the scale, times s)."""
+    m = torch.maximum(m_old, m_tile)
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    a, b = torch.exp(m_old - m_safe), torch.exp(m_tile - m_safe)
+    return m, s_old * a + s_tile * b, u_old * a + u_tile * b
+
+
 def _log_sum(m, s):
     return m + torch.log(s)
 
@@ -115,6 +124,26 @@ class _TiledContrastive(torch.autograd.Function):
 
 def _forward(q, k, scale, offset, symmetric, block):
     """(loss, row log-sum-exps, column log-sum-exps, tile shape) in the compute dtype."""
+    st = _stats(q, k, scale, offset, symmetric, block)
+    row_m, row_s, pos = st["row_m"], st["row_s"], st["pos"]
+    rows = row_m.shape[0]
+    # Per row (max - positive) first: exact when the positive is the max, as a confident
+    # model's is; the log of the sum is then a small number kept to full precision.
+    loss = ((row_m - pos) + torch.log(row_s)).sum()
+    if symmetric:
+        col_m, col_s = st["col_m"], st["col_s"]
+        loss = (loss + ((col_m - pos) + torch.log(col_s)).sum()) / (2 * rows)
+        col_lse = _log_sum(col_m, col_s)
+    else:
+        loss = loss / rows
+        col_lse = row_m.new_empty(0)
+    return loss, _log_sum(row_m, row_s), col_lse, st["blocks"]
+
+
+def _stats(q, k, scale, offset, cols_too, block, expect=False):
+    """The tile walk: row (max, sum) pairs and positives, with ``cols_too`` the column pairs
+    over all C columns, and with ``expect`` also the sums of exp * logit (``row_u``, ``col_u``),
+    all in the compute dtype; ``blocks`` is the tile shape."""
     cdt = _compute_dtype(q.dtype)
     qc, kc = q.to(cdt), k.to(cdt)
     s = scale.detach().to(cdt)
@@ -123,6 +152,7 @@ def _forward(q, k, scale, offset, symmetric, block):
 
     row_m = torch.empty(rows, dtype=cdt, device=q.device)
     row_s = torch.empty(rows, dtype=cdt, device=q.device)
+    row_u = torch.empty(rows if expect else 0, dtype=cdt, device=q.device)
     pos = torch.empty(rows, dtype=cdt, device=q.device)
 
     def run(spans):
@@ -130,9 +160,11 @@ def _forward(q, k, scale, offset, symmetric, block):
         statistics over them."""
         c_m = torch.full((cols,), float("-inf"), dtype=cdt, device=q.device)
         c_s = torch.zeros(cols, dtype=cdt, device=q.device)
+        c_u = torch.zeros(cols, dtype=cdt, device=q.device) if expect else None
         for r0, r1 in spans:
             r_m = torch.full((r1 - r0,), float("-inf"), dtype=cdt, device=q.device)
             r_s = torch.zeros(r1 - r0, dtype=cdt, device=q.device)
+            r_u = torch.zeros(r1 - r0, dtype=cdt, device=q.device)
             for c0, c1 in _spans(cols, col_block):
                 x = torch.mm(qc[r0:r1], kc[c0:c1].T).mul_(s)
                 # Positives in this tile: rows i with offset + i in [c0, c1), on one diagonal.
@@ -140,31 +172,35 @@ def _forward(q, k, scale, offset, symmetric, block):
                 if lo < hi:
                     pos[lo:hi] = x[lo - r0 : hi - r0, lo + offset - c0 : hi + offset - c0].diagonal()
                 t_m = x.amax(dim=1)
-                r_m, r_s = _merge(r_m, r_s, t_m, (x - t_m[:, None]).exp_().sum(dim=1))
-                if symmetric:
+                if expect:
+                    e = (x - t_m[:, None]).exp_()
+                    r_m, r_s, r_u = _merge_u(r_m, r_s, r_u, t_m, e.sum(dim=1), (e * x).sum(dim=1))
+                else:
+                    r_m, r_s = _merge(r_m, r_s, t_m, (x - t_m[:, None]).exp_().sum(dim=1))
+                if cols_too:
                     t_m = x.amax(dim=0)
-                    c_m[c0:c1], c_s[c0:c1] = _merge(
-                        c_m[c0:c1], c_s[c0:c1], t_m, (x - t_m[None, :]).exp_().sum(dim=0)
-                    )
+                    e = (x - t_m[None, :]).exp_()
+                    if expect:
+                        c_m[c0:c1], c_s[c0:c1], c_u[c0:c1] = _merge_u(
+                            c_m[c0:c1], c_s[c0:c1], c_u[c0:c1], t_m, e.sum(dim=0), (e * x).sum(dim=0)
+                        )
+                    else:
+                        c_m[c0:c1], c_s[c0:c1] = _merge(c_m[c0:c1], c_s[c0:c1], t_m, e.sum(dim=0))
             row_m[r0:r1], row_s[r0:r1] = r_m, r_s
-        return c_m, c_s
+            if expect:
+                row_u[r0:r1] = r_u
+        return c_m, c_s, c_u
 
     spans = list(_spans(rows, row_block))
     parts = cpu_threads.run_parts(run, cpu_threads.split(spans, _workers(q.device, rows, row_block)))
-    col_m, col_s = parts[0]
+    col_m, col_s, col_u = parts[0]
     for other in parts[1:]:  # in worker order: the same bits every run
-        col_m, col_s = _merge(col_m, col_s, *other)
-
-    # Per row (max - positive) first: exact when the positive is the max, as a confident
-    # model's is; the log of the sum is then a small number kept to full precision.
-    loss = ((row_m - pos) + torch.log(row_s)).sum()
-    if symmetric:
-        loss = (loss + ((col_m - pos) + torch.log(col_s)).sum()) / (2 * rows)
-        col_lse = _log_sum(col_m, col_s)
-    else:
-        loss = loss / rows
-        col_lse = row_m.new_empty(0)
-    return loss, _log_sum(row_m, row_s), col_lse, (row_block, col_block)
+        if expect:
+            col_m, col_s, col_u = _merge_u(col_m, col_s, col_u, *other)
+        else:
+            col_m, col_s = _merge(col_m, col_s, *other[:2])
+    return dict(row_m=row_m, row_s=row_s, row_u=row_u, pos=pos, col_m=col_m, col_s=col_s,
+                col_u=col_u, blocks=(row_block, col_block))
 
 
 def _backward(ctx, grad_loss):
@@ -249,6 +285,79 @@ def clip_loss_rows(queries, keys, logit_scale, offset: int, block=None, *, out_d
     """
     _check(queries, keys, offset, out_dtype)
     return _TiledContrastive.apply(queries, keys, logit_scale, offset, False, block, out_dtype)
+
+
+class _GatheredContrastive(torch.autograd.Function):
+    """This rank's share of the global-batch CLIP loss (see :func:`clip_loss_gathered`)."""
+
+    @staticmethod
+    def forward(ctx, q, k, scale, offset, group, block, out_dtype):
+        with _no_autocast(q.device.type):
+            st = _stats(q, k, scale, offset, True, block, expect=True)
+            col_m, col_s, col_u = _fold_across_ranks(st["col_m"], st["col_s"], st["col_u"], group)
+            row_m, row_s, pos = st["row_m"], st["row_s"], st["pos"]
+            b = row_m.shape[0]
+            own = slice(offset, offset + b)
+            loss = ((row_m - pos) + torch.log(row_s)).sum()
+            loss = (loss + ((col_m[own] - pos) + torch.log(col_s[own])).sum()) / (2 * b)
+            # d loss / d s of this rank's own terms (OpenCLIP's per-rank split): the softmax-
+            # weighted mean logit of each own row and own column, minus the positives, over s.
+            mean_logits = (st["row_u"] / row_s).sum() + (col_u[own] / col_s[own]).sum()
+            ctx.dscale = (mean_logits / (2 * b) - pos.sum() / b) / scale.detach().to(pos.dtype)
+        ctx.save_for_backward(q, k, scale, _log_sum(row_m, row_s), _log_sum(col_m, col_s))
+        ctx.offset, ctx.symmetric, ctx.blocks = offset, True, st["blocks"]
+        return loss.to(q.dtype if out_dtype is None else out_dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        # The feature gradients are those of the symmetric loss whose column log-sum-exps are
+        # the global ones: d(sum of every rank's loss) / d(this rank's block of logits).
+        with _no_autocast(grad_loss.device.type):
+            dq, dk, _, *rest = _backward(ctx, grad_loss)
+        scale = ctx.saved_tensors[2]
+        dscale = None
+        if ctx.needs_input_grad[2]:
+            dscale = (grad_loss.to(ctx.dscale.dtype) * ctx.dscale).to(scale.dtype).reshape(scale.shape)
+        return dq, dk, dscale, *rest
+
+
+def _fold_across_ranks(col_m, col_s, col_u, group):
+    """Column (max, sum, sum of exp * logit) over every rank's rows: one all-gather of the N
+    triples, folded in rank order (the same bits on every rank). Without an initialized process
+    group (or with one rank) this process holds every row: nothing to fold."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return col_m, col_s, col_u
+    mine = torch.stack([col_m, col_s, col_u])
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, mine, group=group)
+    m, s, u = parts[0]
+    for other in parts[1:]:
+        m, s, u = _merge_u(m, s, u, *other)
+    return m, s, u
+
+
+def clip_loss_gathered(local_image, all_text, logit_scale, offset: int, group=None, block=None, *,
+                       out_dtype=None):
+    """This rank's share of the global-batch CLIP loss: its B rows against all N gathered texts.
+
+    The semantics of ``declip_fast.kernels.contrastive.clip_loss_gathered``: ``all_text`` is
+    gathered with gradient (its backward sums the column gradients into their owners) and
+    ``offset`` is rank * B. Column log-sum-exps are folded across the ranks of ``group`` with one
+    all-gather of per-column (max, sum, sum of exp * logit) triples. The value is OpenCLIP's
+    local loss of this rank, ``(CE(s I_r T^T, offset + i) + CE(s T_r I^T, offset + i)) / 2``;
+    the feature gradients (after the gather's backward) are OpenCLIP's, and so is each rank's
+    logit_scale gradient (the third statistic gives this rank's column terms' share; the Triton
+    kernel splits it across ranks differently, with the same average). Averaged over ranks, the
+    gradients are those of the single-process loss over the global batch. No image gather.
+    """
+    _check(local_image, all_text, offset, out_dtype)
+    if local_image.shape[1] != all_text.shape[1]:
+        raise ValueError(f"local_image has dim {local_image.shape[1]}, all_text {all_text.shape[1]}")
+    return _GatheredContrastive.apply(local_image, all_text, logit_scale, offset, group, block,
+                                      out_dtype)
 
 
 def clip_loss_dense(image_features, text_features, logit_scale):

@@ -13,48 +13,24 @@ Same constructor, same ``forward`` and the same values and gradients as OpenCLIP
 
 ``impl`` picks the implementation: ``"torch"`` (tiled, any device), ``"triton"`` (the fused GPU
 kernel), or ``"auto"`` (Triton on CUDA tensors when available, else torch). The choice is made in
-one place, :func:`resolve_impl`. On Triton the scalable mode gathers only the texts and computes
-each logit of the global matrix once (``kernels.contrastive.clip_loss_gathered``): per-rank
-losses equal OpenCLIP's, and gradients averaged over ranks equal the global-batch loss's (the
-per-rank split of the logit_scale gradient differs from OpenCLIP's, its average does not).
+one place, ``declip_fast.kernels.resolve_impl`` (re-exported here under its old name). The
+scalable mode gathers only the texts, with either implementation (``kernels.clip_loss`` with
+``mode="gathered"``): per-rank losses equal OpenCLIP's, and gradients averaged over ranks equal
+the global-batch loss's (on Triton the per-rank split of the logit_scale gradient differs from
+OpenCLIP's, its average does not; the torch path gives OpenCLIP's split).
 
 Mixed precision follows one rule, :func:`autocast_inputs`, shared by every contrastive loss here.
 """
 
 from __future__ import annotations
 
-import importlib
+import functools
 
 import torch
 from torch import nn
 
-from declip_fast.kernels import reference
-
-IMPLS = ("auto", "torch", "triton")
-
-
-def _triton_available(kernel: str) -> bool:
-    try:
-        importlib.import_module(f"declip_fast.kernels.{kernel}")
-    except ImportError:  # no Triton on this machine
-        return False
-    return True
-
-
-def resolve_impl(impl: str, features: torch.Tensor, kernel: str = "contrastive") -> str:
-    """The one dispatch point between the torch fallbacks and the Triton kernels: ``kernel``
-    names the module of ``declip_fast.kernels`` the caller would use (checked on its own, since
-    each needs only Triton and the device)."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "triton" if features.is_cuda and _triton_available(kernel) else "torch"
-    if impl == "triton":
-        if not features.is_cuda:
-            raise ValueError(f"impl='triton' needs CUDA tensors, got device {features.device}")
-        if not _triton_available(kernel):
-            raise NotImplementedError(f"the Triton kernel declip_fast.kernels.{kernel} cannot be imported")
-    return impl
+from declip_fast import kernels
+from declip_fast.kernels import IMPLS, resolve_impl  # noqa: F401  (re-exported: the old home)
 
 
 def autocast_inputs(*tensors: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.dtype | None]:
@@ -147,8 +123,7 @@ class ClipLoss(nn.Module):
             raise ValueError("use_horovod=True is not supported; launch with torchrun instead")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        kernels.check_impl(impl)
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
         # Kept for signature compatibility: no labels tensor is ever built, so nothing to cache.
@@ -190,30 +165,23 @@ class ClipLoss(nn.Module):
         # Cast before any gather: 16-bit features also halve the collectives' traffic.
         (image_features, text_features), out_dtype = autocast_inputs(image_features, text_features)
         impl = resolve_impl(self.impl, image_features)
-        symmetric_loss, rows_loss = _functions(impl)
+        loss_fn = functools.partial(kernels.clip_loss, logit_scale=scale, out_dtype=out_dtype, impl=impl)
+        offset = self.rank * image_features.shape[0]
 
-        if self.world_size > 1 and impl == "triton" and self.local_loss and self.gather_with_grad:
-            # The scalable mode on the fused kernel: only texts are gathered, column statistics
-            # are all-gathered instead, and each logit is computed once in the whole job.
-            from declip_fast.kernels import contrastive
-
-            offset = self.rank * image_features.shape[0]
-            all_text = self._gather(text_features)
-            loss = contrastive.clip_loss_gathered(image_features, all_text, scale, offset,
-                                                  out_dtype=out_dtype)
+        if self.world_size > 1 and self.local_loss and self.gather_with_grad:
+            # The scalable mode: only texts are gathered, column statistics are all-gathered
+            # instead, and each logit of the global matrix is computed once in the whole job.
+            loss = loss_fn(image_features, self._gather(text_features), mode="gathered", offset=offset)
         elif self.world_size > 1:
             all_image = self._gather(image_features)
             all_text = self._gather(text_features)
             if self.local_loss:
-                offset = self.rank * image_features.shape[0]
-                loss = (
-                    rows_loss(image_features, all_text, scale, offset, out_dtype=out_dtype)
-                    + rows_loss(text_features, all_image, scale, offset, out_dtype=out_dtype)
-                ) / 2
+                loss = (loss_fn(image_features, all_text, mode="rows", offset=offset)
+                        + loss_fn(text_features, all_image, mode="rows", offset=offset)) / 2
             else:
-                loss = symmetric_loss(all_image, all_text, scale, out_dtype=out_dtype)
+                loss = loss_fn(all_image, all_text)
         else:
-            loss = symmetric_loss(image_features, text_features, scale, out_dtype=out_dtype)
+            loss = loss_fn(image_features, text_features)
 
         if logit_bias is not None:
             # A bias shared by every logit cancels in the softmax: no change to the loss, and
@@ -222,11 +190,3 @@ class ClipLoss(nn.Module):
             loss = loss + 0.0 * bias.to(loss.dtype)
         return {"contrastive_loss": loss} if output_dict else loss
 
-
-def _functions(impl: str):
-    """(symmetric loss, one-direction rows loss) of the chosen implementation."""
-    if impl == "triton":
-        from declip_fast.kernels import contrastive
-
-        return contrastive.clip_loss, contrastive.clip_loss_rows
-    return reference.clip_loss, reference.clip_loss_rows

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 
+from declip_fast import kernels
 from declip_fast.kernels import cpu_threads
 
 IGNORE_INDEX = -100
@@ -50,14 +51,19 @@ def linear_cross_entropy(
     ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     tile: tuple[int, int] | None = None,
+    *,
+    impl: str = "auto",
 ) -> torch.Tensor:
     """``F.cross_entropy(F.linear(x, weight, bias), targets, ignore_index=..., reduction=...)``.
 
     ``x [K, D]``, ``weight [V, D]``, ``bias [V]`` or None, ``targets [K]`` int64 in ``[0, V)`` or
     ``ignore_index``. ``reduction``: ``"mean"`` (over the rows not ignored; 0, still connected to
     the graph, when every row is ignored: no host sync to ask) or ``"sum"``. ``tile``: (rows,
-    columns) of logits held at once, :func:`default_tile` when None.
+    columns) of logits held at once, :func:`default_tile` when None. ``impl``: "auto" or "torch"
+    (the tiled torch path here, the only one today); "triton" raises NotImplementedError (the
+    choice is made by ``declip_fast.kernels.resolve_impl``, as for the other kernels).
     """
+    kernels.resolve_impl(impl, x, "linear_ce")  # "torch" whatever the device, for now
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:

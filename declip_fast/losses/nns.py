@@ -36,8 +36,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from declip_fast.kernels import reference
-from declip_fast.losses.clip import IMPLS, as_scalar, autocast_inputs, resolve_impl
+from declip_fast import kernels
+from declip_fast.losses.clip import as_scalar, autocast_inputs
 
 
 def _normalized(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -195,11 +195,7 @@ def nearest(queries: torch.Tensor, bank, valid: int | None = None, impl: str = "
     if isinstance(bank, FeatureQueue):
         bank, valid = bank.bank()
     (queries, bank), _ = autocast_inputs(queries, bank)
-    if resolve_impl(impl, queries, kernel="nn_lookup") == "triton":
-        from declip_fast.kernels import nn_lookup
-
-        return nn_lookup.nn_lookup(queries, bank, valid)
-    return reference.nn_lookup(queries, bank, valid)
+    return kernels.nearest(queries, bank, valid, impl=impl)
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -254,8 +250,7 @@ class NNSLoss(nn.Module):
             raise ValueError(
                 f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}"
             )
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        kernels.check_impl(impl)
         if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
             raise ValueError(f"queue_size must be an int >= 1, got {queue_size!r}")
         self.queue_size, self.rank, self.world_size = queue_size, rank, world_size
@@ -330,12 +325,13 @@ class NNSLoss(nn.Module):
         b = image_views[0].shape[0]
         # The contrastive losses' mixed-precision rule: 16-bit in, float32 out under autocast.
         image_views, out_dtype = autocast_inputs(*image_views)
-        rows_loss = _rows_loss(resolve_impl(self.impl, image_views[0]))
+        impl = kernels.resolve_impl(self.impl, image_views[0])
         offset = self.rank * b
         total = None
         for keys in self._neighbour_keys(queue, text_views, image_views[0].dtype):
             for image in image_views:
-                term = rows_loss(image, keys, scale, offset, out_dtype=out_dtype)
+                term = kernels.clip_loss(image, keys, scale, mode="rows", offset=offset,
+                                         out_dtype=out_dtype, impl=impl)
                 total = term if total is None else total + term
         return total / (len(image_views) * len(text_views))
 
@@ -371,10 +367,3 @@ class NNSLoss(nn.Module):
             self.queue = FeatureQueue(self.queue_size, saved.shape[1], saved.device, dtype)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-
-def _rows_loss(impl: str):
-    if impl == "triton":
-        from declip_fast.kernels import contrastive
-
-        return contrastive.clip_loss_rows
-    return reference.clip_loss_rows

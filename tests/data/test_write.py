@@ -365,10 +365,13 @@ def test_demo_builds_both_splits_and_classes(tmp_path, capsys):
     assert demo.ensure_demo_data(tmp_path, train_size=30, test_size=24).summaries["train"].written == 30
 
 
-def test_cli_stub_and_usage_errors(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        main(["bench"])
-    assert exit_.value.code == 2 and "not implemented yet" in capsys.readouterr().err
+def test_cli_bench_and_usage_errors(tmp_path, capsys, monkeypatch):
+    import declip_fast.cli as cli
+
+    assert main(["bench", "--help"]) == 0  # the benchmark runner's usage, from this checkout
+    monkeypatch.setattr(cli, "_checkout", lambda: None)  # an installed wheel, no checkout around
+    assert main(["bench"]) == 2
+    assert capsys.readouterr().err.startswith("error: declip-fast bench runs the benchmarks of a source checkout")
     assert main(["train", "demo", "optim.lrr=1"]) == 2  # an unknown key stops before any work
     assert "optim.lrr" in capsys.readouterr().err
     with pytest.raises(SystemExit):
