@@ -79,20 +79,14 @@ def _spans(n: int, block: int):
         yield start, min(n, start + block)
 
 
-def _merge(m_old, s_old, m_new_tile, s_tile):
-    """Merge two (running max, sum of exp) pairs; -inf maxima are safe."""
-    m = torch.maximum(m_old, m_new_tile)
-    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    return m, s_old * torch.exp(m_old - m_safe) + s_tile * torch.exp(m_new_tile - m_safe)
-
-
-def _merge_u(m_old, s_old, u_old, m_tile, s_tile, u_tile):
-    """:func:`_merge` of (max, sum of exp, sum of exp * logit) triples: ``u / s`` is the
-    softmax-weighted mean logit (the derivative of the log-sum-exp along the scale, times s)."""
+def _merge(m_old, sums_old, m_tile, sums_tile):
+    """Merge two running (max, sums) records, each sum taken relative to its max: the sum of
+    exp, and where tracked the sum of exp * logit (``u / s``, the softmax-weighted mean logit,
+    is the derivative of the log-sum-exp along the scale, times s). -inf maxima are safe."""
     m = torch.maximum(m_old, m_tile)
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     a, b = torch.exp(m_old - m_safe), torch.exp(m_tile - m_safe)
-    return m, s_old * a + s_tile * b, u_old * a + u_tile * b
+    return m, tuple(old * a + new * b for old, new in zip(sums_old, sums_tile))
 
 
 def _log_sum(m, s):
@@ -150,21 +144,23 @@ def _stats(q, k, scale, offset, cols_too, block, expect=False):
     rows, cols = qc.shape[0], kc.shape[0]
     row_block, col_block = _blocks(rows, cols, block)
 
+    n_sums = 2 if expect else 1  # sum of exp, and sum of exp * logit
     row_m = torch.empty(rows, dtype=cdt, device=q.device)
-    row_s = torch.empty(rows, dtype=cdt, device=q.device)
-    row_u = torch.empty(rows if expect else 0, dtype=cdt, device=q.device)
+    row_sums = tuple(torch.empty(rows, dtype=cdt, device=q.device) for _ in range(n_sums))
     pos = torch.empty(rows, dtype=cdt, device=q.device)
+
+    def tile_sums(x, t_m, dim):
+        e = (x - t_m.unsqueeze(dim)).exp_()
+        return (e.sum(dim=dim), (e * x).sum(dim=dim)) if expect else (e.sum(dim=dim),)
 
     def run(spans):
         """Row statistics and positives of ``spans`` (disjoint rows), and this worker's column
         statistics over them."""
         c_m = torch.full((cols,), float("-inf"), dtype=cdt, device=q.device)
-        c_s = torch.zeros(cols, dtype=cdt, device=q.device)
-        c_u = torch.zeros(cols, dtype=cdt, device=q.device) if expect else None
+        c_sums = tuple(torch.zeros(cols, dtype=cdt, device=q.device) for _ in range(n_sums))
         for r0, r1 in spans:
             r_m = torch.full((r1 - r0,), float("-inf"), dtype=cdt, device=q.device)
-            r_s = torch.zeros(r1 - r0, dtype=cdt, device=q.device)
-            r_u = torch.zeros(r1 - r0, dtype=cdt, device=q.device)
+            r_sums = tuple(torch.zeros(r1 - r0, dtype=cdt, device=q.device) for _ in range(n_sums))
             for c0, c1 in _spans(cols, col_block):
                 x = torch.mm(qc[r0:r1], kc[c0:c1].T).mul_(s)
                 # Positives in this tile: rows i with offset + i in [c0, c1), on one diagonal.
@@ -172,35 +168,28 @@ def _stats(q, k, scale, offset, cols_too, block, expect=False):
                 if lo < hi:
                     pos[lo:hi] = x[lo - r0 : hi - r0, lo + offset - c0 : hi + offset - c0].diagonal()
                 t_m = x.amax(dim=1)
-                if expect:
-                    e = (x - t_m[:, None]).exp_()
-                    r_m, r_s, r_u = _merge_u(r_m, r_s, r_u, t_m, e.sum(dim=1), (e * x).sum(dim=1))
-                else:
-                    r_m, r_s = _merge(r_m, r_s, t_m, (x - t_m[:, None]).exp_().sum(dim=1))
+                r_m, r_sums = _merge(r_m, r_sums, t_m, tile_sums(x, t_m, 1))
                 if cols_too:
                     t_m = x.amax(dim=0)
-                    e = (x - t_m[None, :]).exp_()
-                    if expect:
-                        c_m[c0:c1], c_s[c0:c1], c_u[c0:c1] = _merge_u(
-                            c_m[c0:c1], c_s[c0:c1], c_u[c0:c1], t_m, e.sum(dim=0), (e * x).sum(dim=0)
-                        )
-                    else:
-                        c_m[c0:c1], c_s[c0:c1] = _merge(c_m[c0:c1], c_s[c0:c1], t_m, e.sum(dim=0))
-            row_m[r0:r1], row_s[r0:r1] = r_m, r_s
-            if expect:
-                row_u[r0:r1] = r_u
-        return c_m, c_s, c_u
+                    merged_m, merged = _merge(c_m[c0:c1], [c[c0:c1] for c in c_sums], t_m,
+                                              tile_sums(x, t_m, 0))
+                    c_m[c0:c1] = merged_m
+                    for c, v in zip(c_sums, merged):
+                        c[c0:c1] = v
+            row_m[r0:r1] = r_m
+            for r, v in zip(row_sums, r_sums):
+                r[r0:r1] = v
+        return c_m, c_sums
 
     spans = list(_spans(rows, row_block))
     parts = cpu_threads.run_parts(run, cpu_threads.split(spans, _workers(q.device, rows, row_block)))
-    col_m, col_s, col_u = parts[0]
+    col_m, col_sums = parts[0]
     for other in parts[1:]:  # in worker order: the same bits every run
-        if expect:
-            col_m, col_s, col_u = _merge_u(col_m, col_s, col_u, *other)
-        else:
-            col_m, col_s = _merge(col_m, col_s, *other[:2])
-    return dict(row_m=row_m, row_s=row_s, row_u=row_u, pos=pos, col_m=col_m, col_s=col_s,
-                col_u=col_u, blocks=(row_block, col_block))
+        col_m, col_sums = _merge(col_m, col_sums, *other)
+    empty = row_m.new_empty(0)
+    return dict(row_m=row_m, row_s=row_sums[0], row_u=row_sums[1] if expect else empty, pos=pos,
+                col_m=col_m, col_s=col_sums[0], col_u=col_sums[1] if expect else None,
+                blocks=(row_block, col_block))
 
 
 def _backward(ctx, grad_loss):
@@ -333,10 +322,10 @@ def _fold_across_ranks(col_m, col_s, col_u, group):
     mine = torch.stack([col_m, col_s, col_u])
     parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, mine, group=group)
-    m, s, u = parts[0]
+    m, sums = parts[0][0], tuple(parts[0][1:])
     for other in parts[1:]:
-        m, s, u = _merge_u(m, s, u, *other)
-    return m, s, u
+        m, sums = _merge(m, sums, other[0], tuple(other[1:]))
+    return (m, *sums)
 
 
 def clip_loss_gathered(local_image, all_text, logit_scale, offset: int, group=None, block=None, *,

@@ -164,8 +164,7 @@ class ClipLoss(nn.Module):
         scale = as_scalar("logit_scale", logit_scale, image_features)
         # Cast before any gather: 16-bit features also halve the collectives' traffic.
         (image_features, text_features), out_dtype = autocast_inputs(image_features, text_features)
-        impl = resolve_impl(self.impl, image_features)
-        loss_fn = functools.partial(kernels.clip_loss, logit_scale=scale, out_dtype=out_dtype, impl=impl)
+        loss_fn = functools.partial(kernels.clip_loss, logit_scale=scale, out_dtype=out_dtype, impl=self.impl)
         offset = self.rank * image_features.shape[0]
 
         if self.world_size > 1 and self.local_loss and self.gather_with_grad:

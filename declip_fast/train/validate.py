@@ -105,7 +105,8 @@ def check_beton(path: str) -> None:
     header = np.dtype([("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"),
                        ("num_samples", "<u8"), ("alloc_table_ptr", "<u8")], align=True)
     size = file.stat().st_size
-    raw = file.read_bytes()[: header.itemsize] if size >= header.itemsize else b""
+    with open(file, "rb") as f:  # the header only: a .beton may be hundreds of GB
+        raw = f.read(header.itemsize) if size >= header.itemsize else b""
     fields = np.frombuffer(raw, header)[0] if raw else None
     if (fields is None or int(fields["version"]) != 2 or not 0 < int(fields["num_fields"]) < 64
             or int(fields["num_samples"]) == 0 or not header.itemsize < int(fields["alloc_table_ptr"]) < size):

@@ -5,13 +5,12 @@ process and returns (exit status, stderr lines)."""
 import math
 
 import pytest
-import torch
 
 from declip_fast import cli
-from declip_fast.data import masking
 from declip_fast.train.config import load_config
+from tests.train.batches import GLOBAL_BATCH, synthetic_batch
 
-BATCH = 8
+BATCH = GLOBAL_BATCH
 QUIET = ["progress=false", "tensorboard=false", "plot=false", "eval.data=null"]
 
 
@@ -43,20 +42,6 @@ def trainer_config(run_dir, *extra):
     return load_config("demo", [f"run_dir={run_dir}", "demo_data=null", *QUIET, "loss.queue_size=16",
                                 "optim.warmup_steps=2", "steps=20", "checkpoint_every=1000", *extra])
 
-
-def synthetic_batch(step: int) -> dict:
-    """A deterministic batch of the loader's contract: token rows (SOT, words, EOT), MLM masking."""
-    gen = torch.Generator().manual_seed(1000 + step)
-    tokens = torch.zeros(BATCH, 77, dtype=torch.long)
-    for i in range(BATCH):
-        n = 4 + i % 5
-        tokens[i, 0], tokens[i, n + 1] = 49406, 49407
-        tokens[i, 1 : n + 1] = torch.randint(300, 40000, (n,), generator=gen)
-    masked, targets = masking.mask_tokens(tokens, gen)
-    return {"images_1": torch.randn(BATCH, 3, 32, 32, generator=gen),
-            "images_2": torch.randn(BATCH, 3, 32, 32, generator=gen),
-            "text_1": masked, "mlm_targets": targets, "text_2": tokens.roll(1, dims=1),
-            "index": torch.arange(BATCH)}
 
 
 class SyntheticLoader:

@@ -7,12 +7,12 @@ import os
 import pytest
 import torch
 
-from declip_fast.data import masking
 from declip_fast.train.config import load_config
 from declip_fast.train.trainer import Trainer
 from tests.distributed.launch import run_ranks
+from tests.train.batches import GLOBAL_BATCH, synthetic_batch
 
-GLOBAL_BATCH, STEPS = 8, 5
+STEPS = 5
 
 
 def _config(tmp_path, *extra):
@@ -21,26 +21,11 @@ def _config(tmp_path, *extra):
                                 "optim.warmup_steps=2", f"steps={STEPS}", "checkpoint_every=1000", *extra])
 
 
-def _global_batch(step: int) -> dict:
-    """A deterministic global batch: real-looking token rows (SOT, words, EOT), MLM masking."""
-    gen = torch.Generator().manual_seed(1000 + step)
-    tokens = torch.zeros(GLOBAL_BATCH, 77, dtype=torch.long)
-    for i in range(GLOBAL_BATCH):
-        n = 4 + i % 5
-        tokens[i, 0], tokens[i, n + 1] = 49406, 49407
-        tokens[i, 1 : n + 1] = torch.randint(300, 40000, (n,), generator=gen)
-    masked, targets = masking.mask_tokens(tokens, gen)
-    return {"images_1": torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=gen),
-            "images_2": torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=gen),
-            "text_1": masked, "mlm_targets": targets, "text_2": tokens.roll(1, dims=1),
-            "index": torch.arange(GLOBAL_BATCH)}
-
-
 def _run(trainer, rank=0, world=1) -> list[dict]:
     rows = GLOBAL_BATCH // world
     out = []
     for step in range(STEPS):
-        batch = {k: v[rank * rows : (rank + 1) * rows] for k, v in _global_batch(step).items()}
+        batch = {k: v[rank * rows : (rank + 1) * rows] for k, v in synthetic_batch(step).items()}
         out.append(trainer.step(batch))
     return out
 
@@ -83,7 +68,7 @@ def test_two_fsdp_ranks_follow_the_single_process_trajectory(tmp_path):
 
 def test_a_non_finite_loss_skips_the_update(tmp_path):
     trainer = Trainer(_config(tmp_path)).build()
-    trainer.step(_global_batch(0))
+    trainer.step(synthetic_batch(0))
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     forward = trainer.loss_fn.forward
 
@@ -93,14 +78,14 @@ def test_a_non_finite_loss_skips_the_update(tmp_path):
         return losses
 
     trainer.loss_fn.forward = poisoned
-    values = trainer.step(_global_batch(1))
+    values = trainer.step(synthetic_batch(1))
     assert math.isnan(values["total"]) and values["skipped_steps"] == 1 and trainer.bad_in_a_row == 1
     for n, p in trainer.model.named_parameters():
         assert torch.equal(p, before[n]), f"{n} moved on a skipped step"
     assert all(s == {} or not any(torch.isnan(v).any() for v in s.values() if torch.is_tensor(v))
                for s in trainer.optimizer.state.values())
     trainer.loss_fn.forward = forward
-    values = trainer.step(_global_batch(2))
+    values = trainer.step(synthetic_batch(2))
     assert math.isfinite(values["total"]) and trainer.bad_in_a_row == 0
     assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
     trainer.close()
@@ -110,7 +95,7 @@ def test_a_non_finite_gradient_alone_is_caught(tmp_path):
     trainer = Trainer(_config(tmp_path)).build()
     param = trainer.model.logit_scale
     hook = param.register_hook(lambda g: g * float("inf"))
-    values = trainer.step(_global_batch(0))
+    values = trainer.step(synthetic_batch(0))
     hook.remove()
     assert math.isfinite(values["total"]) and not math.isfinite(values["grad_norm"])
     assert values["skipped_steps"] == 1
