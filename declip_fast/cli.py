@@ -106,7 +106,7 @@ def _add_train(sub) -> None:
     p.add_argument("--allow-config-change", action="append", default=[], metavar="KEY",
                    help="resume even though KEY differs from the checkpoint's config (repeatable; 'all' "
                    "for any). Checked keys: model, loss terms and queue, data.batch_size / image_size / "
-                   "beton / source / fraction, demo_data, world_size; without this flag such a resume is "
+                   "beton / source / fraction, world_size; without this flag such a resume is "
                    "refused, naming the keys. Also the config key allow_config_change=[...]")
     p.add_argument("--debug", action="store_true",
                    help="show the traceback of an error instead of its one-line message")
@@ -145,6 +145,10 @@ def _train(args, parser) -> int:
         return _fail(err, args.debug, 2)
     if args.print_config:
         print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+        # The model the config builds (preset defaults, then model.overrides), for reading only.
+        resolved = yaml.safe_dump(to_dict(config.model.architecture()), sort_keys=False)
+        print(f"# model.preset {config.model.preset} with model.overrides, resolved:")
+        print("".join(f"#   {line}\n" for line in resolved.splitlines()), end="")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from declip_fast.train.trainer import Trainer

@@ -79,23 +79,18 @@ class DataConfig:
 
 
 def _from_dict(cls, values: dict, prefix: str):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"unknown data config key(s): {', '.join(prefix + k for k in unknown)} "
-                         f"(known: {', '.join(sorted(names))})")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    return cls(**values)
+    """The package's one config parser (``declip_fast.config.from_dict``)."""
+    from declip_fast.config import from_dict
+
+    return from_dict(cls, values, prefix)
 
 
 def rank_and_world(config: DataConfig) -> tuple[int, int]:
     """(rank, world size): from the config where set, else from torch.distributed, else (0, 1)."""
-    rank, world = config.rank, config.world_size
-    initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if rank is None:
-        rank = torch.distributed.get_rank() if initialized else 0
-    if world is None:
-        world = torch.distributed.get_world_size() if initialized else 1
+    from declip_fast.distributed import env
+
+    rank = env.rank() if config.rank is None else config.rank
+    world = env.world_size() if config.world_size is None else config.world_size
     if not 0 <= rank < world:
         raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world}")
     return rank, world

@@ -12,16 +12,16 @@ the sum of the ranks' losses. :func:`convert` swaps it in for every ``BatchNorm1
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
+
+from declip_fast.distributed import env
 
 
 class GlobalBatchNorm1d(nn.BatchNorm1d):
     group = None  # process group; None: the default one
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_available() and dist.is_initialized()
-                and dist.get_world_size(self.group) > 1):
+        if not (self.training and env.world_size(self.group) > 1):
             return super().forward(x)
         if x.dim() != 2:
             raise ValueError(f"GlobalBatchNorm1d takes [B, C] features, got {tuple(x.shape)}")

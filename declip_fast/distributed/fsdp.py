@@ -2,7 +2,10 @@
 checkpointing -> compile -> fully_shard per block -> root (the root last, so it holds only the
 parameters no block or head owns). The models never import torch.distributed.
 
-``parallelize(model, mesh=None, precision="fp32", compile=False, checkpointing=False)``:
+``parallelize(model, mesh=None, precision="fp32", compile=False, checkpointing=False, shard=None)``,
+for every world size (one process: the first two steps only):
+
+- SimSiam's batch norms made global-batch ones (``declip_fast.distributed.batchnorm.convert``);
 
 - activation checkpointing: the model's own per-block switch (``set_grad_checkpointing``);
 - ``torch.compile`` per block (small graphs, compiled once, reused by every block of a tower);
@@ -46,15 +49,25 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
 
 
 def parallelize(model: nn.Module, mesh=None, precision: str = "fp32", compile: bool = False,
-                checkpointing: bool = False) -> nn.Module:
-    """Checkpointing, compile and FSDP2 applied to ``model`` in place; returns it."""
-    from torch.distributed.fsdp import fully_shard
+                checkpointing: bool = False, shard: bool | None = None) -> nn.Module:
+    """Checkpointing, compile and (when ``shard``) global-batch norms and FSDP2 applied to
+    ``model`` in place; returns it. ``shard`` None: shard when a mesh is given or a process group
+    of more than one rank is up, so one call serves every world size (one process keeps its
+    parameters whole; its bf16 comes from autocast, the caller's)."""
+    from declip_fast.distributed import batchnorm, env
 
-    if checkpointing:
-        model.set_grad_checkpointing(True)
+    if shard is None:
+        shard = mesh is not None or env.world_size() > 1
+    model.set_grad_checkpointing(checkpointing)
     if compile:
         for block in model.blocks():
             block.compile()
+    if not shard:
+        _policy(precision)  # the same check of ``precision`` either way
+        return model
+    from torch.distributed.fsdp import fully_shard
+
+    batchnorm.convert(model)  # SimSiam's batch norms see the global batch
     policy = _policy(precision)
     units = shard_units(model)
     for i, unit in enumerate(units):

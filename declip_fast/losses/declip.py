@@ -64,6 +64,11 @@ class DeCLIPLossConfig:
     def weights(self) -> dict[str, float]:
         return {t: float(getattr(self, t)) for t in TERMS}
 
+    @classmethod
+    def from_name(cls, name: str) -> DeCLIPLossConfig:
+        """The named mixture of :data:`PRESETS` (a config may say ``loss: clip``)."""
+        return preset(name)
+
 
 PRESETS = {
     "paper": dict(clip=0.4, mvs=0.2, iss=0.2, tss=0.2, nns=0.2),
@@ -93,6 +98,20 @@ class DeCLIPLoss(nn.Module):
                             impl=self.config.impl, group=group, device=device)
                     if self.weights["nns"] else None)
         self.world_size, self.group = world_size, group
+
+    def defer_enqueue(self, on: bool = True) -> None:
+        """NNS's queue takes a step's rows only at :meth:`commit` (see ``NNSLoss.defer_enqueue``)."""
+        if self.nns is not None:
+            self.nns.defer_enqueue(on)
+
+    def pending_finite(self) -> torch.Tensor | None:
+        """0-d bool tensor: the rows NNS holds for the queue are finite (None: none held)."""
+        return None if self.nns is None else self.nns.pending_finite()
+
+    def commit(self, keep: bool) -> None:
+        """Enqueue the held rows (``keep``: the step was applied on every rank) or drop them."""
+        if self.nns is not None:
+            self.nns.commit(keep)
 
     def needs(self) -> dict[str, object]:
         """What the model must compute for this mixture: views and heads."""

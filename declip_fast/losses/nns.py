@@ -49,9 +49,9 @@ def _normalized(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _world(group) -> int:
     """World size of ``group``, 1 when torch.distributed is not in use (a host-side query)."""
-    if not dist.is_available() or not dist.is_initialized():
-        return 1
-    return dist.get_world_size(group)
+    from declip_fast.distributed import env
+
+    return env.world_size(group)
 
 
 class FeatureQueue(nn.Module):
@@ -111,7 +111,8 @@ class FeatureQueue(nn.Module):
             )
 
     @torch.no_grad()
-    def enqueue(self, features: torch.Tensor, gather: bool = False, group=None) -> bool:
+    def enqueue(self, features: torch.Tensor, gather: bool = False, group=None,
+                assume_finite: bool = False) -> bool:
         """Append ``features`` [B, dim] (normalized, detached, in the queue's dtype); returns
         False, changing nothing, when a value (of any rank's rows, with ``gather``) is not finite.
 
@@ -126,7 +127,7 @@ class FeatureQueue(nn.Module):
             from declip_fast.distributed.collectives import all_gather_no_grad
 
             rows = all_gather_no_grad(rows, group)
-        if not bool(torch.isfinite(rows).all()):
+        if not assume_finite and not bool(torch.isfinite(rows).all()):  # a host sync
             return False
         self._write(rows)
         return True
@@ -257,6 +258,7 @@ class NNSLoss(nn.Module):
         self.impl, self.group, self._dtype = impl, group, dtype
         queue = None if dim is None else FeatureQueue(queue_size, dim, device, dtype)
         self.add_module("queue", queue)
+        self._defer, self._pending = False, None
 
     def forward(self, image_views, text_views, logit_scale, enqueue=None):
         """Loss over every (image view, text view) pair against the neighbours found in the
@@ -277,11 +279,32 @@ class NNSLoss(nn.Module):
             queue.check(to_enqueue, "enqueue")
         ready = len(queue) >= min(b * self.world_size, queue.size)
         loss = self._loss(queue, image_views, text_views, scale) if ready else None
-        if to_enqueue is not None and not queue.enqueue(to_enqueue, gather=self.world_size > 1,
+        if to_enqueue is not None and self._defer:
+            self._pending = to_enqueue.detach()
+        elif to_enqueue is not None and not queue.enqueue(to_enqueue, gather=self.world_size > 1,
                                                         group=self.group):
             nan = torch.full((), float("nan"), device=image_views[0].device)
             loss = nan if loss is None else loss + nan
         return loss
+
+    def defer_enqueue(self, on: bool = True) -> None:
+        """With ``on``, each forward holds its rows back until :meth:`commit`: a trainer that
+        checks a whole step once (one host sync, :meth:`pending_finite` folded into it) enqueues
+        only the rows of the steps it applies. Off (the default) forward enqueues at once."""
+        self._defer, self._pending = on, None
+
+    def pending_finite(self) -> torch.Tensor | None:
+        """Whether the held rows are all finite, as a 0-d bool tensor on their device (no host
+        sync); None when nothing is held."""
+        return None if self._pending is None else torch.isfinite(self._pending).all()
+
+    def commit(self, keep: bool) -> None:
+        """Enqueue the held rows when ``keep`` (the caller checked :meth:`pending_finite` on
+        every rank: the rows are not checked again), else drop them."""
+        pending, self._pending = self._pending, None
+        if keep and pending is not None:
+            self._queue_for(pending).enqueue(pending, gather=self.world_size > 1, group=self.group,
+                                             assume_finite=True)
 
     @staticmethod
     def _to_enqueue(enqueue, default: torch.Tensor):

@@ -105,24 +105,19 @@ def list_presets() -> list[str]:
     return list(PRESETS)
 
 
-def _apply(cfg, overrides: dict):
-    for key, value in overrides.items():
-        if not any(f.name == key for f in dataclasses.fields(cfg)):
-            raise ValueError(f"{type(cfg).__name__} has no field {key!r}")
-        current = getattr(cfg, key)
-        if isinstance(value, dict):
-            if not dataclasses.is_dataclass(current):
-                raise ValueError(f"{key!r} is {current!r}: pass a config object, not a dict")
-            value = _apply(current, value)
-        cfg = dataclasses.replace(cfg, **{key: value})
-    return cfg
-
-
 def get_config(name: str, **overrides) -> DeCLIPConfig:
-    """The preset's config with ``overrides`` applied (nested dicts update nested configs)."""
+    """The preset's config with ``overrides`` applied (nested dicts update nested configs; values
+    are checked and coerced to each field's type by ``declip_fast.config.merge``)."""
+    return resolve(name, overrides)
+
+
+def resolve(name: str, overrides: dict, prefix: str = "") -> DeCLIPConfig:
+    """:func:`get_config` with a dotted ``prefix`` for the overrides' error messages."""
+    from declip_fast.config import merge
+
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {list_presets()}")
-    return _apply(PRESETS[name](), overrides)
+    return merge(PRESETS[name](), overrides, prefix)
 
 
 def build(name: str, device: torch.device | str | None = None, **overrides) -> DeCLIP:

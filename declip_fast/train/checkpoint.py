@@ -57,7 +57,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from declip_fast.distributed import manifest
+from declip_fast.distributed import env, manifest
 # The folder layout and the model-only reading live below train (eval reads checkpoints too).
 from declip_fast.distributed.checkpoint_format import (  # noqa: F401  (re-exported)
     _NAME,
@@ -71,28 +71,14 @@ from declip_fast.distributed.checkpoint_format import (  # noqa: F401  (re-expor
 from declip_fast.distributed.checkpoint_format import single_process_is_intended as _single_process_is_intended
 from declip_fast.distributed.manifest import MANIFEST, CheckpointDamaged
 
-__all__ = ["COMPLETE", "MANIFEST", "STATE_FILE", "CheckpointDamaged", "Checkpointer", "check_complete",
+__all__ = ["COMPLETE", "MANIFEST", "STATE_FILE", "CheckpointDamaged", "Checkpointer", "RNGState", "check_complete",
            "load_model_for_eval", "rng_state", "set_rng_state", "step_of"]
 
 _PLAIN = (str, int, float, bool, bytes, type(None), torch.Tensor, torch.dtype, torch.device,
           torch.Size)
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _rank() -> int:
-    return dist.get_rank() if _distributed() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if _distributed() else 1
-
-
-def _barrier() -> None:
-    if _distributed():
-        dist.barrier()
+_distributed, _rank, _world, _barrier = env.initialized, env.rank, env.world_size, env.barrier
 
 
 def _on_rank0(fn, what: str) -> None:
@@ -163,6 +149,17 @@ def rng_state() -> dict:
         "numpy": [algo, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
         "python": random.getstate(),
     }
+
+
+class RNGState:
+    """This process's RNG streams as one stateful component (``state_dict`` /
+    ``load_state_dict``); per rank, so the checkpointer writes it to ``rng_rank{r}.pt``."""
+
+    def state_dict(self) -> dict:
+        return rng_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        set_rng_state(state)
 
 
 def set_rng_state(state: dict) -> None:
@@ -242,13 +239,20 @@ class Checkpointer:
 
     # ------------------------------------------------------------------------- save
 
-    def save(self, step: int, model, optimizer, scheduler=None, extra: dict | None = None) -> Path:
+    def save(self, step: int, model, optimizer, scheduler=None, extra: dict | None = None,
+             states: dict | None = None) -> Path:
         """Write checkpoint ``step`` atomically (collective); returns its folder.
 
-        ``extra``: plain Python values and tensors, the same on every rank (loader position,
-        loss-module state dict, ...); it comes back from ``load`` with ``"step"`` set.
+        ``states``: named stateful components (``state_dict()`` / ``load_state_dict()``: the
+        trainer's counters, the loader's position, the loss module's queue), whose state dicts
+        are the same on every rank; ``extra``: more plain values and tensors of that kind. Both
+        go into ``state.pt`` and come back from ``load`` (``states`` restored in place).
         """
         extra = dict(extra or {})
+        for name, component in (states or {}).items():
+            if name in extra or name in ("step",):
+                raise ValueError(f"state {name!r} collides with a key of extra")
+            extra[name] = component.state_dict()
         if extra.get("step", step) != step:
             raise ValueError(f"extra['step']={extra['step']} but saving step {step}")
         state = {"step": step, "world_size": _world(), "extra": extra,
@@ -262,7 +266,7 @@ class Checkpointer:
             dcp.save({"model": model_sd, "optim": optim_sd},
                      storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True),
                      no_dist=not _distributed())
-        _torch_save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
+        _torch_save(RNGState().state_dict(), tmp / f"rng_rank{_rank()}.pt")
         if _rank() == 0:
             _torch_save(state, tmp / STATE_FILE)
         _barrier()  # every rank's files are on disk
@@ -290,8 +294,9 @@ class Checkpointer:
 
     # ------------------------------------------------------------------------- load
 
-    def load(self, path: str | os.PathLike, model, optimizer, scheduler=None) -> dict:
-        """Restore model, optimizer, scheduler and this rank's RNG in place from checkpoint
+    def load(self, path: str | os.PathLike, model, optimizer, scheduler=None, states: dict | None = None) -> dict:
+        """Restore model, optimizer, scheduler, this rank's RNG and each of ``states`` (whose
+        names are keys of the saved state; a missing one is a KeyError) in place from checkpoint
         ``path`` (collective); returns the saved ``extra`` with ``"step"`` set."""
         path = check_complete(path)
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
@@ -306,6 +311,10 @@ class Checkpointer:
             if state["scheduler"] is None:
                 raise ValueError(f"checkpoint {path} holds no scheduler state")
             scheduler.load_state_dict(state["scheduler"])
+        for name, component in (states or {}).items():
+            if name not in state["extra"]:
+                raise KeyError(f"checkpoint {path} holds no {name!r} state")
+            component.load_state_dict(state["extra"][name])
         self._load_rng(path, state["world_size"])
         return {**state["extra"], "step": state["step"]}
 
@@ -318,7 +327,7 @@ class Checkpointer:
                 f"{_world()}): this rank's RNG states are left as they are"
             )
             return
-        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+        RNGState().load_state_dict(torch.load(rng_file, map_location="cpu", weights_only=True))
 
 
 def _finalize(tmp: Path, final: Path, step: int) -> None:

@@ -25,17 +25,16 @@ The resolved config is written to ``run_dir/config.yaml``; it loads back to the 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
+from declip_fast import config
 from declip_fast.atomic import atomic_write
-from declip_fast.data.loader import DataConfig
-from declip_fast.losses.declip import PRESETS as LOSS_PRESETS
+from declip_fast.config import to_dict
+from declip_fast.data.loader_config import DataConfig
 from declip_fast.losses.declip import DeCLIPLossConfig
 from declip_fast.models.model_config import ModelConfig  # defined with the models (eval reads it)
 from declip_fast.train.errors import ConfigError
@@ -48,8 +47,8 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the repository's
 @dataclass
 class EvalConfig:
     zeroshot: bool = True  # at the end of training, when ``data`` is set
-    data: str | None = None  # labelled .beton (with <stem>_labels.npy) or ImageFolder; "demo": the demo test split
-    classes: str | None = None  # classes.json with class names and prompts (demo: the demo's)
+    data: str | None = None  # labelled .beton (with <stem>_labels.npy) or an ImageFolder-layout folder
+    classes: str | None = None  # classes.json with class names (and prompts, as the demo's has)
     batch_size: int = 256
 
 
@@ -62,7 +61,6 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto (cuda when available) | cpu | cuda
     precision: str = "fp32"  # fp32 | bf16 (FSDP2 mixed precision: bf16 compute, fp32 reduce)
-    demo_data: str | None = None  # build the demo data set here when missing (the demo preset)
     log_every: int = 1  # metrics rows are written every step; the console/TensorBoard every N
     progress: bool = True
     tensorboard: bool = True
@@ -91,82 +89,6 @@ class TrainConfig:
         self.allow_config_change = tuple(str(k) for k in self.allow_config_change or ())
 
 
-# --------------------------------------------------------------------------- dict <-> dataclass
-
-def from_dict(cls, values: dict, prefix: str = ""):
-    """Build dataclass ``cls`` from a (nested) dict; unknown keys fail with their dotted names."""
-    if not isinstance(values, dict):
-        raise ValueError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {values!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ValueError(f"unknown config key(s): {', '.join(prefix + k for k in unknown)} "
-                         f"(known at this level: {', '.join(sorted(fields))})")
-    hints, kwargs = typing.get_type_hints(cls), {}
-    for name, value in values.items():
-        kind = _dataclass_in(hints[name])
-        if kind is DeCLIPLossConfig and isinstance(value, str):
-            value = _loss_preset(value, prefix + name)
-        elif kind is not None and isinstance(value, dict):
-            value = from_dict(kind, value, f"{prefix}{name}.")
-        elif isinstance(value, list):
-            value = tuple(value)
-        else:
-            value = _coerce(hints[name], value, prefix + name)
-        kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as err:  # a section's own check: say which section
-        section = prefix.rstrip(".")
-        named = not section or str(err).startswith(section + ".")
-        raise ConfigError(str(err) if named else f"{section}: {err}") from None
-
-
-def _coerce(hint, value, key: str):
-    """Numbers as the field's type wants them: YAML reads ``3e-4`` (no dot) as a string and
-    ``1`` as an int where a float is meant."""
-    args = set(typing.get_args(hint)) or {hint}
-    kind = float if float in args else int if int in args else None
-    if kind is None or value is None or isinstance(value, (bool, kind)):
-        return value
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{key}: expected a number, got {value!r}") from None
-    if kind is int and not number.is_integer():  # nan and inf included
-        raise ValueError(f"{key}: expected an integer, got {value!r}")
-    return kind(number)
-
-
-def _dataclass_in(hint):
-    """The dataclass a field holds (also through ``X | None``), else None."""
-    if dataclasses.is_dataclass(hint):
-        return hint
-    for arg in typing.get_args(hint):
-        if dataclasses.is_dataclass(arg):
-            return arg
-    return None
-
-
-def _loss_preset(name: str, key: str) -> DeCLIPLossConfig:
-    if name not in LOSS_PRESETS:
-        raise ValueError(f"{key}: unknown loss preset {name!r}; choose from {sorted(LOSS_PRESETS)}")
-    return DeCLIPLossConfig(**LOSS_PRESETS[name])
-
-
-def to_dict(config) -> dict:
-    """Plain nested dict (tuples as lists), loadable again by :func:`from_dict`."""
-    def plain(v):
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        return v
-    return plain(dataclasses.asdict(config))
-
-
 # --------------------------------------------------------------------------- presets and overrides
 
 def preset_path(name_or_path: str | os.PathLike) -> Path:
@@ -183,39 +105,48 @@ def preset_path(name_or_path: str | os.PathLike) -> Path:
 
 
 def apply_override(values: dict, text: str) -> None:
-    """``a.b.c=value`` into the nested dict (creating levels; key checks happen in from_dict)."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise ValueError(f"override {text!r} must look like key.sub=value")
-    node = values
-    parts = key.split(".")
-    for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        elif part == "loss" and isinstance(child, str):  # a preset name, refined key by key
-            child = node[part] = dataclasses.asdict(_loss_preset(child, "loss"))
-        if not isinstance(child, dict):
-            raise ValueError(f"override {text!r}: {'.'.join(parts[:i + 1])} is not a section")
-        node = child
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    """``a.b.c=value`` into the nested dict of a :class:`TrainConfig` (``declip_fast.config``)."""
+    config.apply_override(values, text, TrainConfig)
+
+
+def from_dict(cls, values: dict, prefix: str = ""):
+    """``declip_fast.config.from_dict``, its errors as :class:`ConfigError` (exit status 2)."""
+    try:
+        return config.from_dict(cls, values, prefix)
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def load_config(name_or_path: str | os.PathLike, overrides: typing.Sequence[str] = ()) -> TrainConfig:
+    """The preset (or YAML file), then the dotted overrides, checked (module docstring)."""
     path = preset_path(name_or_path)
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML ({err})") from err
+    values = config.load_yaml(path)
+    upgrade_keys(values)
     for text in overrides:
         apply_override(values, text)
-    config = from_dict(TrainConfig, values)
-    check_values(config)
-    return config
+    upgrade_keys(values)
+    result = from_dict(TrainConfig, values)
+    check_values(result)
+    return result
 
 
-def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
-    text = yaml.safe_dump(to_dict(config), sort_keys=False)
+def upgrade_keys(values: dict) -> None:
+    """Keys of earlier releases, rewritten with a warning (removed in the next release):
+    ``demo_data: DIR`` was the demo's data folder; the demo preset now names its files."""
+    if "demo_data" in values:
+        folder = values.pop("demo_data")
+        warnings.warn("the config key demo_data is deprecated: set data.beton, eval.data and eval.classes "
+                      "(configs/demo.yaml shows how)", FutureWarning, stacklevel=3)
+        if folder is not None:
+            data, ev = values.setdefault("data", {}), values.setdefault("eval", {})
+            data["beton"] = f"{folder}/train.beton"
+            ev["data"], ev["classes"] = f"{folder}/test.beton", f"{folder}/classes.json"
+
+
+def save_config(train_config: TrainConfig, path: str | os.PathLike) -> None:
+    text = config.dump_yaml(train_config)
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 

@@ -95,7 +95,7 @@ class RecoveryMixin:
                             Path(path).name)
                 self._quarantine(Path(path))
                 continue
-            saved = self.checkpointer.read_state(path)["extra"].get("config")
+            saved = upgrade_extra(self.checkpointer.read_state(path)["extra"])["trainer"].get("config")
             for change in check_resume(saved, resume_values(self.config, self.world),
                                        self.config.allow_config_change, path):
                 log.warning("resuming with a changed config (allowed): %s", change)
@@ -144,10 +144,8 @@ class RecoveryMixin:
     # ----------------------------------------------------------------------------- checkpoint
 
     def save(self) -> None:
-        extra = {"step": self.step_count, "epoch": self.epoch, "batch": self.batch_in_epoch,
-                 "skipped": self.skipped, "rollbacks": self.rollbacks, "loss": self.loss_fn.state_dict(),
-                 "config": resume_values(self.config, self.world)}
-        self.checkpointer.save(self.step_count, self.model, self.optimizer, self.scheduler, extra=extra)
+        self.checkpointer.save(self.step_count, self.model, self.optimizer, self.scheduler,
+                               states=self.stateful())
         self._saved_step = self.step_count
 
     def _save_if_sound(self, due: bool) -> None:
@@ -158,15 +156,18 @@ class RecoveryMixin:
             self._save_due = False
 
     def _load(self, path, keep_counters: bool = False) -> None:
-        extra = self.checkpointer.load(path, self.model, self.optimizer, self.scheduler)
-        self.loss_fn.load_state_dict(extra["loss"])
-        self.step_count, self.epoch, self.batch_in_epoch = extra["step"], extra["epoch"], extra["batch"]
-        if not keep_counters:
-            self.skipped = extra["skipped"]
-        self.rollbacks = max(self.rollbacks, extra["rollbacks"])
+        """Resume from ``path``; ``keep_counters`` (a roll-back): the loader goes on with the data
+        after the bad stretch instead of replaying it, and ``skipped`` keeps counting."""
+        self._rolling_back = keep_counters
+        try:
+            extra = upgrade_extra(self.checkpointer.load(path, self.model, self.optimizer, self.scheduler))
+            for name, component in self.stateful(with_loader=not keep_counters).items():
+                component.load_state_dict(extra[name])
+        finally:
+            self._rolling_back = False
         self._saved_step = self.step_count
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step_count, self.epoch,
-                 self.batch_in_epoch)
+        log.info("resumed from %s at step %d (data: epoch %d, batch %d)", path, self.step_count,
+                 extra["loader"]["epoch"], extra["loader"]["batch"])
 
     def _check_mostly_skipped(self) -> None:
         """A run whose steps were mostly skipped did not train: fail instead of reporting done."""
@@ -177,4 +178,13 @@ class RecoveryMixin:
                             "set optim.grad_clip")
 
 
-__all__ = ["RecoveryMixin"]
+def upgrade_extra(extra: dict) -> dict:
+    """A checkpoint's saved states by component (``trainer``, ``loader``, ``loss``); checkpoints
+    written before the components kept their own state had one flat dict, read here too."""
+    if "trainer" in extra:
+        return extra
+    return {"trainer": {k: extra.get(k) for k in ("step", "skipped", "rollbacks", "config")},
+            "loader": {"epoch": extra["epoch"], "batch": extra["batch"]}, "loss": extra["loss"]}
+
+
+__all__ = ["RecoveryMixin", "upgrade_extra"]

@@ -16,10 +16,14 @@ DeCLIP code had to; then, or when most steps were skipped, the run fails with
 written after a finite step, the run folder is locked by one process, and resuming checks the
 checkpoint's checksums and config (``declip_fast.train.recovery``).
 
-State in a checkpoint (``declip_fast.train.checkpoint``): model, optimizer, schedule, step,
-the loss module's state (the NNS queue), the loader position (epoch, batch) and RNG states, so a
-resumed run continues the uninterrupted one exactly (on CPU; GPU kernels may not be bitwise
-deterministic). SIGTERM (preemption) finishes the current step, saves and exits cleanly.
+State in a checkpoint (``declip_fast.train.checkpoint``): model, optimizer and schedule, then
+each stateful component's own ``state_dict``: the trainer (step, counters, the config record),
+the loader (its position: epoch, batch), the loss module (the NNS queue) and each rank's RNG
+streams, so a resumed run continues the uninterrupted one exactly (on CPU; GPU kernels may not
+be bitwise deterministic). SIGTERM (preemption) finishes the current step, saves and exits
+cleanly. Where the process runs (rank, world, device) comes from ``declip_fast.distributed.env``,
+and the model is prepared by one ``declip_fast.distributed.fsdp.parallelize`` call whatever the
+world size. A step reads the device once (``step``).
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import signal
 import time
 from pathlib import Path
@@ -38,9 +41,8 @@ import torch.distributed as dist
 
 from tqdm import tqdm
 
-from declip_fast.data.demo import ensure_demo_data
 from declip_fast.data.loader import build_loader
-from declip_fast.distributed import batchnorm, fsdp
+from declip_fast.distributed import env, fsdp
 from declip_fast.eval import zeroshot  # train may import eval; eval never imports train
 from declip_fast.losses.declip import DeCLIPLoss
 from declip_fast.models import presets
@@ -50,44 +52,52 @@ from declip_fast.train.errors import ConfigError
 from declip_fast.train.recovery import RecoveryMixin
 from declip_fast.train.metrics import MetricsLogger, model_flops_per_sample, peak_flops, plot_run
 from declip_fast.train.optim import build_optimizer, build_scheduler, clamp_logit_scale
-from declip_fast.train.validate import check_run
+from declip_fast.train.validate import check_run, resume_values
 
 log = logging.getLogger(__name__)
-
-
-def _init_distributed(device: torch.device) -> tuple[int, int]:
-    """(rank, world size); initialises the process group from torchrun's environment."""
-    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        if device.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda, but no CUDA device is available here: set device=cpu (or device=auto)")
-    return torch.device(name)
 
 
 class Trainer(RecoveryMixin):
     def __init__(self, config: TrainConfig):
         self.config = config
         self.step_count = 0
-        self.epoch = 0
-        self.batch_in_epoch = 0
         self.skipped = 0
         self.bad_in_a_row = 0
         self.rollbacks = 0
+        self._rolling_back = False
         self._steps_run = self._steps_skipped_here = 0  # in this process, for the final verdict
         self._stop_signal = None
+        self._stop_everywhere = False
         self._previous_handler = None
         self.loader = None
+        self._loader_state = None  # a checkpoint's loader position, until a loader takes it
         self.metrics = None
+
+    # ----------------------------------------------------------------------------------- state
+
+    def state_dict(self) -> dict:
+        """The trainer's own state (the model, optimizer, loader, loss and RNG give theirs):
+        the step, the counters of what happened to the run, and the config values a resume is
+        checked against (``declip_fast.train.validate.RESUME_KEYS``)."""
+        return {"step": self.step_count, "skipped": self.skipped, "rollbacks": self.rollbacks,
+                "config": resume_values(self.config, self.world)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Back to ``state``'s step; ``skipped`` and ``rollbacks`` never decrease (a roll-back
+        keeps what happened since, a resume takes the checkpoint's)."""
+        self.step_count = int(state["step"])
+        if not self._rolling_back:
+            self.skipped = int(state["skipped"])
+        self.rollbacks = max(self.rollbacks, int(state["rollbacks"]))
+
+    def stateful(self, with_loader: bool = True) -> dict:
+        """The components a checkpoint holds besides model, optimizer, schedule and RNG. The
+        loader's position is its own (``loader.state_dict()``); before a loader exists (a
+        data-less trainer fed by hand) a loaded position waits in ``_loader_state``."""
+        states = {"trainer": self, "loss": self.loss_fn}
+        if with_loader:
+            states["loader"] = self.loader if self.loader is not None else _PendingLoaderState(self)
+        return states
 
     # ----------------------------------------------------------------------------------- build
 
@@ -96,10 +106,11 @@ class Trainer(RecoveryMixin):
         Nothing in the run folder changes before the lock is held and the resume is accepted."""
         cfg = self.config
         check_run(cfg)
-        self.device = _device(cfg.device)
-        self.rank, self.world = _init_distributed(self.device)
-        if self.device.type == "cuda" and self.world > 1:
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        try:
+            self.env = env.setup(cfg.device)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        self.device, self.rank, self.world = self.env.device, self.env.rank, self.env.world_size
         self.run_dir = Path(cfg.run_dir)
         self._lock_run_folder()
         try:
@@ -119,7 +130,7 @@ class Trainer(RecoveryMixin):
         self._resume()
         if self.rank == 0:
             save_config(cfg, self.run_dir / "config.yaml")
-        if cfg.data.beton is not None or cfg.data.source is not None or cfg.demo_data:
+        if cfg.data.beton is not None or cfg.data.source is not None:
             self._build_loader()
         self.metrics = MetricsLogger(self.run_dir, self.terms, enabled=self.rank == 0,
                                      tensorboard=cfg.tensorboard, resume_step=self.step_count)
@@ -130,21 +141,15 @@ class Trainer(RecoveryMixin):
         model = presets.build(cfg.model.preset, device=self.device, **cfg.model.overrides)
         self.loss_fn = DeCLIPLoss(cfg.loss, rank=self.rank, world_size=self.world,
                                   embed_dim=model.config.embed_dim, device=self.device)
+        self.loss_fn.defer_enqueue()  # enqueue after the step's one finite check (step)
         self.need = self.loss_fn.needs()
         if self.need["simsiam"] and model.projector is None:
             raise ValueError(f"the loss needs SimSiam heads, but model preset {cfg.model.preset!r} has none")
         if self.need["mlm"] and model.mlm_head is None:
             raise ValueError(f"the loss needs the MLM head, but model preset {cfg.model.preset!r} has none")
         self.terms = [t for t, w in self.loss_fn.weights.items() if w]
-        if self.world > 1:
-            batchnorm.convert(model)
-            fsdp.parallelize(model, precision=cfg.precision, compile=cfg.model.compile,
-                             checkpointing=cfg.model.grad_checkpointing)
-        else:
-            model.set_grad_checkpointing(cfg.model.grad_checkpointing)
-            if cfg.model.compile:
-                for block in model.blocks():
-                    block.compile()
+        fsdp.parallelize(model, precision=cfg.precision, compile=cfg.model.compile,
+                         checkpointing=cfg.model.grad_checkpointing, shard=self.world > 1)
         self.model = model
         # One process in bf16: autocast (FSDP2's policy casts the parameters instead).
         self.autocast = cfg.precision == "bf16" and self.world == 1
@@ -156,10 +161,6 @@ class Trainer(RecoveryMixin):
     def _build_loader(self) -> None:
         cfg = self.config
         data = cfg.data
-        if cfg.demo_data:
-            paths = ensure_demo_data(cfg.demo_data, progress=self.rank == 0 and cfg.progress, any_build=True)
-            if data.beton is None and data.source is None:
-                data = dataclasses.replace(data, beton=str(paths.train))
         # What the loss does not use is not produced: no masked captions for CLIP alone.
         data = dataclasses.replace(data, mlm=self.need["mlm"], two_views=self.need["image_views"] == 2,
                                    eda=self.need["text_views"] == 2, seed=cfg.seed + data.seed)
@@ -182,19 +183,29 @@ class Trainer(RecoveryMixin):
         return out, losses
 
     def step(self, batch: dict) -> dict:
-        """One training step on ``batch`` (the loader's contract); returns its metrics."""
+        """One training step on ``batch`` (the loader's contract); returns its metrics.
+
+        The step reads the device once: the finite check (reduced over the ranks together with
+        the stop flag, one all-reduce), the named losses, the logit scale and the gradient norm
+        are stacked into one tensor and copied to the host in one transfer."""
         self.model.train()
         out, losses = self.forward_loss(batch)
         total = losses["total"]
         total.backward()
         grad_norm = self._grad_norm()
-        finite = torch.isfinite(total.detach()) & torch.isfinite(grad_norm)
+        bad = ~(torch.isfinite(total.detach()) & torch.isfinite(grad_norm))
+        pending = self.loss_fn.pending_finite()  # the rows NNS would enqueue
+        if pending is not None:
+            bad = bad | ~pending
+        flags = torch.stack([bad.float(), torch.tensor(float(self._stop_signal is not None), device=bad.device)])
         if self.world > 1:
-            bad = (~finite).to(torch.float32)
-            dist.all_reduce(bad)
-            finite = bad == 0
-        ok = bool(finite)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # any rank bad: every rank skips
+        scalars = [flags, grad_norm.reshape(1), out["logit_scale"].detach().float().reshape(1)]
+        scalars += [v.detach().float().reshape(1) for v in losses.values()]
+        host = torch.cat([t.to(grad_norm.device) for t in scalars]).tolist()  # the step's one host sync
+        ok, self._stop_everywhere = host[0] == 0.0, host[1] != 0.0
         self._steps_run += 1
+        self.loss_fn.commit(ok)  # the queue takes the rows of applied steps only
         if ok:
             self.optimizer.step()
             clamp_logit_scale(self.model, self.config.optim)
@@ -209,9 +220,8 @@ class Trainer(RecoveryMixin):
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step_count += 1
-        values = {name: float(v.detach()) for name, v in losses.items()}
-        values.update(lr=lr, logit_scale=float(out["logit_scale"].detach()), grad_norm=float(grad_norm),
-                      skipped_steps=self.skipped)
+        values = dict(zip(losses, host[4:]))
+        values.update(lr=float(lr), logit_scale=host[3], grad_norm=host[2], skipped_steps=self.skipped)
         return values
 
     def _grad_norm(self) -> torch.Tensor:
@@ -225,18 +235,18 @@ class Trainer(RecoveryMixin):
     # ----------------------------------------------------------------------------------- train
 
     def _batches(self):
+        """Batches from the loader, epoch after epoch; the loader keeps the position (it starts
+        where a resumed checkpoint's ``loader`` state put it)."""
+        if self._loader_state is not None:
+            self.loader.load_state_dict(self._loader_state)
+            self._loader_state = None
         while True:
-            self.loader.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
-            for batch in self.loader:
-                self.batch_in_epoch += 1
-                yield batch
-            self.epoch += 1
-            self.batch_in_epoch = 0
+            yield from self.loader
 
     def train(self) -> dict:
         """Run to ``config.steps``; returns a summary (steps, skipped, zero-shot results)."""
         if self.loader is None:
-            raise ConfigError("no training data: set data.beton or data.source (or demo_data)")
+            raise ConfigError("no training data: set data.beton or data.source")
         cfg = self.config
         self._install_sigterm()
         progress = self._progress()
@@ -283,14 +293,9 @@ class Trainer(RecoveryMixin):
         return summary
 
     def _stop_requested(self) -> bool:
-        """SIGTERM reached this rank; with several ranks, any rank (the signal may land on them
-        in different steps, and the save is collective): one tiny all-reduce per step."""
-        flag = self._stop_signal is not None
-        if self.world == 1:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        """SIGTERM reached some rank by the last step (the signal may land on the ranks in
+        different steps and the save is collective, so the flag travels in the step's reduce)."""
+        return self._stop_everywhere or (self.world == 1 and self._stop_signal is not None)
 
     def _progress(self):
         if self.rank != 0 or not self.config.progress:
@@ -310,15 +315,11 @@ class Trainer(RecoveryMixin):
     # ------------------------------------------------------------------------------ evaluation
 
     def evaluate(self) -> dict | None:
-        """Zero-shot top-1/top-5 on ``eval.data`` (the demo's test split for ``demo``)."""
+        """Zero-shot top-1/top-5 on ``eval.data`` with the classes of ``eval.classes``."""
         ev = self.config.eval
         if not ev.zeroshot or ev.data is None:
             return None
         size = self.model.config.vision.image_size
-        if ev.data == "demo":
-            if not self.config.demo_data:
-                raise ValueError("eval.data=demo needs demo_data (the demo folder)")
-            return zeroshot.zeroshot_demo(self.model, self.config.demo_data, self.device, size)
         return zeroshot.zeroshot_eval(self.model, ev.data, ev.classes, self.device, size, ev.batch_size)
 
     def _finish_report(self, summary: dict) -> None:
@@ -339,6 +340,19 @@ class Trainer(RecoveryMixin):
         if self._previous_handler is not None:
             signal.signal(signal.SIGTERM, self._previous_handler)
             self._previous_handler = None
+
+
+class _PendingLoaderState:
+    """The loader slot of a trainer that has no loader yet: keeps the position for it."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+
+    def state_dict(self) -> dict:
+        return dict(self.trainer._loader_state or {"epoch": 0, "batch": 0})
+
+    def load_state_dict(self, state: dict) -> None:
+        self.trainer._loader_state = dict(state)
 
 
 def train(config: TrainConfig) -> dict:

@@ -23,7 +23,7 @@ from declip_fast.train.errors import ConfigError
 # key is listed in ``allow_config_change`` (or that list holds "all").
 RESUME_KEYS = ("model.preset", "model.overrides", *(f"loss.{t}" for t in TERMS), "loss.queue_size",
                "data.batch_size", "data.image_size", "data.beton", "data.source", "data.fraction",
-               "data.fraction_seed", "demo_data", "world_size")
+               "data.fraction_seed", "world_size")
 
 
 def check_number(key: str, value, *, low=None, low_open=False, high=None, high_open=False) -> None:
@@ -64,13 +64,10 @@ def check_values(config) -> None:
 
 def model_config(config):
     """The model's DeCLIPConfig (nothing built); an unknown preset or override is a ConfigError."""
-    from declip_fast.models import presets
-
     try:
-        return presets.get_config(config.model.preset, **config.model.overrides)
+        return config.model.architecture()
     except (ValueError, TypeError) as err:
-        key = "model.preset" if config.model.preset not in presets.list_presets() else "model.overrides"
-        raise ConfigError(f"{key}: {err}") from None
+        raise ConfigError(str(err)) from None
 
 
 def check_run(config) -> None:
@@ -100,8 +97,11 @@ def check_beton(path: str) -> None:
     and an allocation table inside the file (checked without importing FFCV)."""
     file = Path(path)
     if not file.is_file():
+        how = "declip-fast write-dataset writes one"
+        if file.name == "train.beton" and file.parent.name == "demo":  # the demo preset's file
+            how = f"make demo builds it, or declip-fast write-dataset --demo {file.parent}"
         raise ConfigError(f"data.beton: {path} " + ("is not a file" if file.exists() else "does not exist")
-                          + " (declip-fast write-dataset writes one)")
+                          + f" ({how})")
     header = np.dtype([("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"),
                        ("num_samples", "<u8"), ("alloc_table_ptr", "<u8")], align=True)
     size = file.stat().st_size
@@ -117,7 +117,7 @@ def check_beton(path: str) -> None:
 def resume_values(config, world_size: int) -> dict:
     """The values of :data:`RESUME_KEYS` for this run, as plain Python values."""
     values = {"model.preset": config.model.preset, "model.overrides": dict(config.model.overrides),
-              "demo_data": config.demo_data, "world_size": world_size}
+              "world_size": world_size}
     for term in (*TERMS, "queue_size"):
         values[f"loss.{term}"] = getattr(config.loss, term)
     for key in ("batch_size", "image_size", "beton", "source", "fraction", "fraction_seed"):

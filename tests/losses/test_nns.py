@@ -281,3 +281,29 @@ def test_bad_loss_configuration():
         NNSLoss(queue_size=8, dim=5)(*_two_views(), 1.0)
     with pytest.raises(RuntimeError, match="process group"):
         NNSLoss(rank=0, world_size=2)(*_two_views(), 1.0)
+
+
+def test_deferred_enqueue_takes_only_committed_rows(rng):
+    """A trainer's one-sync step: with ``defer_enqueue`` the rows wait for ``commit(keep)``; kept
+    rows land exactly as an immediate enqueue puts them, dropped rows never reach the queue."""
+    img = [torch.randn(4, 8, generator=rng) for _ in range(2)]
+    txt = [torch.randn(4, 8, generator=rng) for _ in range(2)]
+    now, later = NNSLoss(queue_size=16, dim=8), NNSLoss(queue_size=16, dim=8)
+    later.defer_enqueue()
+    scale = torch.tensor(10.0)
+    for step in range(3):
+        assert later.pending_finite() is None
+        a, b = now(img, txt, scale), later(img, txt, scale)
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+        assert bool(later.pending_finite())
+        if step == 1:  # this step was not applied: its rows are dropped
+            later.commit(False)
+            now.queue.rows.copy_(later.queue.rows)
+            now.queue.load_state_dict(later.queue.state_dict())
+        else:
+            later.commit(True)
+        assert len(later.queue) == len(now.queue) and torch.equal(later.queue.rows, now.queue.rows)
+    assert len(later.queue) == 8  # steps 0 and 2
+    bad = [torch.full((4, 8), float("nan"))] + txt[1:]
+    later(img, bad, scale)
+    assert not bool(later.pending_finite())

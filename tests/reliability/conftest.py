@@ -7,6 +7,7 @@ import math
 import pytest
 
 from declip_fast import cli
+from declip_fast.data.loader_config import ResumableEpochs
 from declip_fast.train.config import load_config
 from tests.train.batches import GLOBAL_BATCH, synthetic_batch
 
@@ -25,7 +26,7 @@ def demo_dir(tmp_path_factory):
 
 def demo_args(run_dir, demo_dir, *extra) -> list[str]:
     """``declip-fast train demo`` on the small demo data: 16-image batches, tiny queue."""
-    return ["train", "demo", f"run_dir={run_dir}", f"demo_data={demo_dir}", "data.batch_size=16",
+    return ["train", "demo", f"run_dir={run_dir}", f"data.beton={demo_dir}/train.beton", "data.batch_size=16",
             "data.num_workers=1", "loss.queue_size=32", *QUIET, *extra]
 
 
@@ -39,23 +40,23 @@ def run_cli(capsys, argv) -> tuple[int, list[str]]:
 
 def trainer_config(run_dir, *extra):
     """A data-less run (the Trainer is fed synthetic batches): builds in about a second."""
-    return load_config("demo", [f"run_dir={run_dir}", "demo_data=null", *QUIET, "loss.queue_size=16",
+    return load_config("demo", [f"run_dir={run_dir}", "data.beton=null", *QUIET, "loss.queue_size=16",
                                 "optim.warmup_steps=2", "steps=20", "checkpoint_every=1000", *extra])
 
 
 
-class SyntheticLoader:
-    """Stands in for the data loader in ``Trainer.train``: 4 synthetic batches per epoch."""
+class SyntheticLoader(ResumableEpochs):
+    """Stands in for the data loader in ``Trainer.train``: 4 synthetic batches per epoch, with the
+    loaders' epoch bookkeeping (``set_epoch``, ``position``, ``state_dict``)."""
 
-    def __init__(self):
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch, start_batch=0):
-        self.epoch, self.start = epoch, start_batch
+    def __len__(self):
+        return 4
 
     def __iter__(self):
-        for b in range(self.start, 4):
-            yield synthetic_batch(self.epoch * 4 + b)
+        epoch, start = self._begin_epoch()
+        for b in range(start, 4):
+            self._advance(epoch, b + 1)
+            yield synthetic_batch(epoch * 4 + b)
 
 
 def poison_calls(trainer, is_bad):

@@ -16,7 +16,7 @@ def _saved_run(run_dir):
 
 
 def _train_argv(run_dir, *extra):
-    return ["train", "demo", f"run_dir={run_dir}", "demo_data=null", "loss.queue_size=16",
+    return ["train", "demo", f"run_dir={run_dir}", "data.beton=null", "loss.queue_size=16",
             "optim.warmup_steps=2", "steps=20", "checkpoint_every=1000", "progress=false",
             "tensorboard=false", "plot=false", "eval.data=null", *extra]
 
@@ -33,7 +33,7 @@ def test_a_changed_batch_size_is_refused_by_the_cli_unless_allowed(tmp_path, cap
     # Allowed: the resume goes through (and this data-less run then stops for want of data).
     status, err = run_cli(capsys, _train_argv(run, "data.batch_size=64", "--allow-config-change",
                                               "data.batch_size"))
-    assert status == 2 and err[-1] == "error: no training data: set data.beton or data.source (or demo_data)"
+    assert status == 2 and err[-1] == "error: no training data: set data.beton or data.source"
 
 
 def test_resuming_a_declip_run_as_clip_names_the_model_and_loss_keys(tmp_path):

@@ -33,7 +33,7 @@ def test_a_second_trainer_refuses_and_the_lock_dies_with_its_holder(tmp_path, ca
     run = tmp_path / "run"
     holder = _holder(run)
     try:
-        status, err = run_cli(capsys, ["train", "demo", f"run_dir={run}", "demo_data=null", "progress=false",
+        status, err = run_cli(capsys, ["train", "demo", f"run_dir={run}", "data.beton=null", "progress=false",
                                        "tensorboard=false", "plot=false", "eval.data=null"])
         assert status == 2 and len(err) == 1, err
         assert err[0].startswith(f"error: run_dir {run} is in use by another training run "

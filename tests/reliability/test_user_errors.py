@@ -9,7 +9,7 @@ import torch
 
 from tests.reliability.conftest import run_cli
 
-BASE = ["train", "demo", "demo_data=null", "progress=false", "tensorboard=false", "plot=false", "eval.data=null"]
+BASE = ["train", "demo", "data.beton=null", "progress=false", "tensorboard=false", "plot=false", "eval.data=null"]
 
 
 def _not_a_beton(tmp_path):

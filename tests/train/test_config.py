@@ -57,3 +57,46 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = C.load_config("declip_r50", ["optim.name=lamb", "data.crop_scale=[0.3, 1.0]"])
     C.save_config(cfg, tmp_path / "config.yaml")
     assert C.load_config(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.overrides.vision.widht=64", r"unknown config key\(s\): model[.]overrides[.]vision[.]widht"),
+    ("model.overrides.vision.layers=two", r"model[.]overrides[.]vision[.]layers: expected a number"),
+    ("model.overrides.vision.layers=2.5", r"model[.]overrides[.]vision[.]layers: expected an integer"),
+    ("model.overrides.embed_dims=64", r"model[.]overrides[.]embed_dims"),
+    ("model.preset=declip_huge", r"model[.]preset: unknown preset 'declip_huge'"),
+])
+def test_model_section_is_typed_and_checked_at_parse_time(override, message):
+    """Issue 19: a typo or a wrong type in model.* fails where the config is parsed, naming the
+    dotted key, before anything is built or written."""
+    with pytest.raises(ValueError, match=message):
+        C.load_config("demo", [override])
+
+
+def test_model_overrides_are_coerced_to_the_fields_types():
+    cfg = C.load_config("demo", ["model.overrides.vision.layers=3", "model.overrides.text.width=3.2e1"])
+    arch = cfg.model.architecture()
+    assert arch.vision.layers == 3 and isinstance(arch.text.width, int) and arch.text.width == 32
+    rn = C.load_config("demo", ["model.preset=declip_tiny_rn", "model.overrides.vision.layers=[1, 2, 1, 1]"])
+    assert rn.model.architecture().vision.layers == (1, 2, 1, 1)
+
+
+def test_print_config_shows_the_resolved_model(capsys):
+    from declip_fast import cli
+
+    assert cli.main(["train", "demo", "model.overrides.vision.layers=3", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    printed = yaml.safe_load(out)  # the resolved model is a comment: the output still loads
+    assert printed["model"]["overrides"] == {"vision": {"layers": 3}}
+    resolved = yaml.safe_load("\n".join(line[4:] for line in out.splitlines() if line.startswith("#   ")))
+    assert resolved["vision"]["layers"] == 3 and resolved["vision"]["width"] == 64
+
+
+def test_the_demo_preset_names_its_data_files_and_demo_data_is_a_deprecated_alias():
+    cfg = C.load_config("demo")
+    assert (cfg.data.beton, cfg.eval.data, cfg.eval.classes) == (
+        "data/demo/train.beton", "data/demo/test.beton", "data/demo/classes.json")
+    with pytest.warns(FutureWarning, match="demo_data is deprecated"):
+        old = C.load_config("demo", ["demo_data=elsewhere"])
+    assert (old.data.beton, old.eval.data, old.eval.classes) == (
+        "elsewhere/train.beton", "elsewhere/test.beton", "elsewhere/classes.json")

@@ -2,9 +2,11 @@
 Fashion-MNIST test split far above the 10% of chance) and leave a complete run folder."""
 
 import json
+from pathlib import Path
 
 import pytest
 
+from declip_fast.data.demo import ensure_demo_data
 from declip_fast.train.config import load_config
 from declip_fast.train.metrics import read_metrics
 from declip_fast.train.trainer import train
@@ -13,6 +15,10 @@ from declip_fast.train.trainer import train
 @pytest.mark.slow
 def test_demo_preset_learns_zero_shot(tmp_path):
     config = load_config("demo", [f"run_dir={tmp_path / 'run'}", "progress=false"])
+    # What `make demo` does first: the files configs/demo.yaml names, built when missing.
+    paths = ensure_demo_data(Path(config.data.beton).parent)
+    assert (str(paths.train), str(paths.test), str(paths.classes)) == (
+        config.data.beton, config.eval.data, config.eval.classes)
     summary = train(config)
     run = tmp_path / "run"
     assert summary["status"] == "done" and summary["steps"] == config.steps
