@@ -9,7 +9,6 @@ name here. The batch contract is in the docstring of ``declip_fast.data.loader``
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 
