@@ -3,7 +3,8 @@
 A checkpoint is one folder, ``run_dir/checkpoints/step_XXXXXXXX/``::
 
     .metadata, __{rank}_0.distcp   torch.distributed.checkpoint: model + optimizer (sharded)
-    state.pt                       rank 0, torch.save: step, world size, scheduler, ``extra``
+    state.pt                       rank 0, torch.save: step, world size, scheduler, and the state
+                                   dict of each named component (``states``: trainer, loader, loss)
     rng_rank{r}.pt                 rank r, torch.save: torch CPU / CUDA, numpy, python RNG
     MANIFEST.json                  rank 0: sha256 and size of every file above (``manifest``)
     COMPLETE                       rank 0, written last: JSON {"step", "world_size"}
@@ -20,11 +21,12 @@ Choices, and why:
 - Model and optimizer go through ``get_state_dict`` / ``set_state_dict``: FQN-keyed, DTensor
   shards under FSDP2, plain tensors in one process, ``torch.compile`` prefixes stripped. DCP
   then saves each rank's shards once and reshards on load.
-- The scheduler state and ``extra`` (step, loader position, the NNS loss module's state dict
-  with its FeatureQueue rows and {ptr, count}) are NOT put into DCP, though DCP can pickle
+- The scheduler state and the components' state dicts (the trainer's step and counters, the
+  loader's position, the NNS loss module's FeatureQueue rows and {ptr, count}; each component
+  gives its own, torchtitan's ``Stateful`` protocol) are NOT put into DCP, though DCP can pickle
   non-tensor leaves: it flattens nested dicts into dotted keys and can load them back only into
-  a template of the very same structure, which a resuming trainer does not have for ``extra``
-  (that is what it is loading). They are replicated on every rank, so rank 0 writes them to
+  a template of the very same structure, which a resuming trainer does not have for them
+  (that is what it is loading). The RNG streams (``RNGState``) differ per rank: one file each. They are replicated on every rank, so rank 0 writes them to
   ``state.pt`` and every rank reads it.
 - ``state.pt`` and the RNG files are read with ``torch.load(weights_only=True)``: no pickled code
   runs on resume. ``save`` therefore checks up front that the state holds only containers,
