@@ -2,7 +2,7 @@
 # idempotent and silent when nothing changed).
 PY := .venv/bin/python
 
-.PHONY: setup test test-fast lint demo bench clean
+.PHONY: setup test test-fast lint typecheck demo bench clean
 setup:
 	@./scripts/setup.sh
 
@@ -13,9 +13,15 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -m "not slow"
 
-# The lint gate: ruff's pyflakes, pycodestyle and bugbear rules (configured in pyproject.toml).
+# The lint gate: ruff's pyflakes, pycodestyle and bugbear rules, then mypy on the public API (both
+# configured in pyproject.toml).
 lint: setup
 	$(PY) -m ruff check .
+	$(PY) -m mypy
+
+# The public API's type check (the [tool.mypy] files in pyproject.toml); make lint runs it too.
+typecheck: setup
+	$(PY) -m mypy
 
 # The `demo` preset: tiny DeCLIP towers on the Fashion-MNIST demo data, a few minutes on the CPU,
 # zero-shot accuracy at the end; the run folder is runs/demo. configs/demo.yaml names the data

@@ -6,14 +6,16 @@ The functional API, and the one place where the torch / Triton choice is made:
 - :func:`nearest`: the top-1 inner-product search (not named ``nn_lookup``: that is the Triton
   module's name, which importing the submodule rebinds on this package, and which callers import
   as ``from declip_fast.kernels import nn_lookup``);
+- :func:`linear_cross_entropy`: the cross-entropy of a linear layer's output without its logits
+  (the MLM head's loss; torch only so far, in ``linear_ce``);
 - :func:`resolve_impl`: ``impl`` ("auto" | "torch" | "triton") and a tensor to the implementation
-  that runs, for a named kernel (``KERNELS``; the fused linear cross-entropy,
-  ``declip_fast.losses.linear_ce``, has only its torch implementation and asks here too).
+  that runs, for a named kernel (``KERNELS``).
 
-The losses call only these. Each implementation module is imported inside the function that
-uses it: importing ``declip_fast.kernels`` imports neither Triton nor the kernels' modules.
-The four levels of one op (kernels, launchers, autograd Function, plain function) stay in
-``contrastive`` / ``nn_lookup`` and ``reference``, whose plain functions keep their signatures.
+The losses and the models call only these. Each implementation module is imported inside the
+function that uses it: importing ``declip_fast.kernels`` imports neither Triton nor the kernels'
+modules. The four levels of one op (kernels, launchers, autograd Function, plain function) stay
+in ``contrastive_jit`` + ``contrastive`` / ``nn_lookup`` and ``reference`` (one ``reference_*``
+module per op, re-exported there), whose plain functions keep their signatures.
 """
 
 from __future__ import annotations
@@ -104,3 +106,18 @@ def nearest(queries, bank, valid: int | None = None, *, impl: str = "auto"):
     from declip_fast.kernels import reference
 
     return reference.nn_lookup(queries, bank, valid)
+
+
+def linear_cross_entropy(x, weight, bias, targets, ignore_index: int = -100, reduction: str = "mean",
+                         tile=None, *, impl: str = "auto"):
+    """``F.cross_entropy(F.linear(x, weight, bias), targets, ignore_index=..., reduction=...)``
+    without storing the ``[K, V]`` logits: ``x [K, D]``, ``weight [V, D]``, ``bias [V]`` or None,
+    ``targets [K]``; ``ignore_index`` is ``linear_ce.IGNORE_INDEX`` (-100) by default;
+    ``reduction`` "mean" or "sum"; ``tile`` (rows, columns) of logits held at once (None: the
+    device's default). See ``linear_ce`` for the numerics. ``impl``: see :func:`resolve_impl`;
+    there is no Triton kernel yet, so "auto" is torch on every device and "triton" a
+    NotImplementedError."""
+    resolve_impl(impl, x, "linear_ce")  # "torch" whatever the device, for now
+    from declip_fast.kernels import linear_ce
+
+    return linear_ce.linear_cross_entropy(x, weight, bias, targets, ignore_index, reduction, tile)

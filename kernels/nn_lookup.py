@@ -29,7 +29,7 @@ import triton.language as tl
 
 from declip_fast.kernels.configs import LOOKUP as HOPPER  # noqa: F401 (tests and benchmarks read it here)
 from declip_fast.kernels.configs import LOOKUP_INTERPRETER as INTERPRETER
-from declip_fast.kernels.reference import check_lookup
+from declip_fast.kernels.reference_lookup import check_lookup
 from declip_fast.kernels.tuning import (bucket, concurrent_programs, dot_precision, interpreting,
                                         launch_device, tuning)
 

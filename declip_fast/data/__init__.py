@@ -1,1 +1,2 @@
-"""Data pipeline: tokenizer, EDA, augmentation, dataset writing and loaders."""
+"""Data pipeline: the .beton schema, sources, the one pair decoder, tokenizer, EDA, augmentation,
+dataset writing and loaders."""

@@ -29,7 +29,7 @@ batches, and batch k of an epoch does not depend on the batches before it. The s
 from (``seed``, epoch); masking, the EDA pick and the colour augmentations from (``seed``, epoch,
 rank, batch index) (:func:`batch_seed`); the fallback's crops, flips and EDA from (``seed``,
 epoch, sample); FFCV's fused decoder seeds each sample's crops and flips from (``seed``, the
-batch's sample ids, the sample's place in the batch) (:func:`declip_fast.data.ffcv_loader.two_view_decoder`).
+batch's sample ids, the sample's place in the batch) (:func:`declip_fast.data.ffcv_decoder.two_view_decoder`).
 FFCV with ``ffcv_fused_views=False`` is the exception: its crops and flips are FFCV's own, drawn
 from numba's unseeded generator. Text randomness is drawn on the CPU, so it does not depend on
 the device. Batches are bit-identical on the CPU (tested); the colour augmentations are drawn

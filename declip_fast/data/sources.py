@@ -3,10 +3,11 @@
 Sources: a CSV/TSV of (image path relative to the table's folder or absolute, caption), with or
 without an ``image``/``caption`` header; a folder of images with same-named ``.txt`` captions;
 webdataset tar shards as img2dataset writes them (``key.jpg`` + ``key.txt``), one ``.tar`` or a
-folder of them. Listing only records where the bytes are (:class:`Blob`); decoding, and the
-skips it finds, happen in the writer's workers. Problems found while listing (a malformed row, an
-image without a caption, an unreadable tar) are returned as :class:`Skip` records; a table's
-skips name the line its record starts on (1-based, the header is line 1: what an editor shows).
+folder of them. Listing only records where the bytes are (:class:`Blob`); decoding
+(:mod:`declip_fast.data.decode`), and the skips it finds, happen in the writer's workers or the
+fallback loader's. Problems found while listing (a malformed row, an image without a caption, an
+unreadable tar) are returned as :class:`Skip` records; a table's skips name the line its record
+starts on (1-based, the header is line 1: what an editor shows).
 """
 
 from __future__ import annotations
@@ -21,12 +22,10 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"})
+from declip_fast.data.schema import IMAGE_EXTENSIONS, MAX_CAPTION_CHARS  # also imported from here
+
 IMAGE_COLUMNS = ("image", "image_path", "filepath", "file", "path", "img")
 CAPTION_COLUMNS = ("caption", "text", "title")
-# Longer captions are skipped ("caption too long"): CLIP reads 77 tokens (a few hundred characters),
-# so text this long is a page dump or rows merged by a broken quote, and EDA's cost grows with it.
-MAX_CAPTION_CHARS = 16_384
 
 
 class Blob(NamedTuple):

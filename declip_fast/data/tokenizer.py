@@ -36,8 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from declip_fast.data.schema import CONTEXT_LENGTH
+
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
-CONTEXT_LENGTH = 77
 NUM_MERGES = 49152 - 256 - 2  # merges OpenAI's vocabulary uses (the file holds more)
 PAD_ID = 0
 SOT_ID = 49406

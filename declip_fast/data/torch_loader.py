@@ -3,13 +3,13 @@
 It reads what ``declip_fast.data.write`` reads (a CSV/TSV of image path + caption rows, a folder
 of images with same-named ``.txt`` captions, webdataset ``.tar`` shards; listed by
 ``sources.list_pairs``), or any list of ``(image path, caption)`` pairs. Per sample, in DataLoader
-workers: the image is decoded once (Pillow, RGB; large JPEGs at a reduced DCT scale), cropped
-twice with torchvision v2 ``RandomResizedCrop`` + ``RandomHorizontalFlip``; the caption is
-tokenized and one
-EDA variant (``declip_fast.data.eda.eda``) is drawn and tokenized. Crops and EDA draw from
-generators seeded by (seed, epoch, sample index), so they do not depend on the worker count.
-In the main process the batch then goes through the same ``BatchViews`` as FFCV's: masking and
-the batched colour augmentations on the device.
+workers: caption and image go through the writer's decoder (:mod:`declip_fast.data.decode`: the
+same caption rule, and the same pixels, with large JPEGs at a reduced DCT scale the crops allow);
+the image is cropped twice with torchvision v2 ``RandomResizedCrop`` + ``RandomHorizontalFlip``;
+the caption is tokenized and one EDA variant (``declip_fast.data.eda.eda``) is drawn and
+tokenized. Crops and EDA draw from generators seeded by (seed, epoch, sample index), so they do
+not depend on the worker count. In the main process the batch then goes through the same
+``BatchViews`` as FFCV's: masking and the batched colour augmentations on the device.
 
 Order and sharding: ``DistributedSampler(shuffle=True)`` with the config's (or the process
 group's) rank and world size, also for one process; FFCV's loader uses the same order. Resuming
@@ -17,25 +17,25 @@ at batch k (``set_epoch(epoch, k)``) drops the first k batches' samples in the s
 are never loaded; batches are counted as the sampler deals them, a batch that lost all its
 samples included.
 
-Bad samples (unreadable, corrupt or empty image; missing or empty caption) are dropped by the
-collate function and counted in ``loader.skipped`` (and logged, the first few with their source),
-so such a batch is smaller; a batch with nothing valid is not yielded at all.
+Bad samples (a :class:`~declip_fast.data.decode.BadSample`: a missing, unreadable, corrupt or
+empty image; a missing, empty, too long or non-UTF-8 caption; the writer skips the same ones) are
+dropped by the collate function and counted in ``loader.skipped`` (and logged, the first few with
+their source and reason), so such a batch is smaller; a batch with nothing valid is not yielded
+at all.
 """
 
 from __future__ import annotations
 
-import io
 import itertools
 import logging
 import math
 import random
-from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from declip_fast.data.decode import BadSample, caption_text, decode_image, load_pixels
 from declip_fast.data.loader_config import BatchViews, DataConfig, ResumableEpochs, epoch_seed, subset_indices
 
 log = logging.getLogger(__name__)
@@ -43,73 +43,19 @@ CROP_STREAM, EDA_STREAM = 3, 4
 LOGGED_SKIPS = 10  # skips logged one by one per loader; the rest are only counted
 
 
-class BadSample(Exception):
-    """A sample that cannot be loaded; the message is the reason."""
-
-
-def _read_bytes(blob, what: str) -> bytes:
-    """Bytes of a file given as a path, or as ``write.Blob`` (path, offset, size)."""
-    path, offset, size = (blob, 0, None) if isinstance(blob, (str, Path)) else tuple(blob)
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            return f.read() if size is None else f.read(size)
-    except OSError as err:
-        raise BadSample(f"unreadable {what} ({type(err).__name__})") from None
-
-
-def _caption_text(caption) -> str:
-    if caption is None:
-        raise BadSample("missing caption")
-    if not isinstance(caption, (str, bytes)):
-        caption = _read_bytes(caption, "caption")  # a Blob: the .txt file or tar member
-    if isinstance(caption, bytes):
-        caption = caption.decode("utf-8", errors="replace")
-    text = caption.lstrip("\ufeff").strip()
-    if not text:
-        raise BadSample("empty caption")
-    return text
-
-
 def load_rgb(image, min_crop_side: int = 0) -> torch.Tensor:
     """uint8 [3, H, W] (channels-last memory) from a path / ``Blob`` of an encoded image, or an
-    HxW(x3) uint8 array. See :func:`decode_rgb` for ``min_crop_side``."""
-    if image is None:
-        raise BadSample("missing image")
-    if isinstance(image, np.ndarray):
-        pixels = np.ascontiguousarray(image, dtype=np.uint8)
-        pixels = np.repeat(pixels[:, :, None], 3, axis=2) if pixels.ndim == 2 else pixels
-        return torch.from_numpy(pixels).permute(2, 0, 1)
-    return decode_rgb(_read_bytes(image, "image"), min_crop_side)
+    HxW(x3) uint8 array (``decode.load_pixels``). See :func:`decode_rgb` for ``min_crop_side``."""
+    return torch.from_numpy(load_pixels(image, min_mean_side=min_crop_side)).permute(2, 0, 1)
 
 
 def decode_rgb(data: bytes, min_crop_side: int = 0) -> torch.Tensor:
-    """uint8 [3, H, W] from encoded image bytes (JPEG, PNG, ...), with Pillow, as the writer
-    decodes: EXIF orientation applied, alpha composited on white. A JPEG whose smallest crop
-    would still have ``min_crop_side`` px at 1/2, 1/4 or 1/8 scale is decoded at that scale
-    (JPEG DCT scaling: several times faster on large images). The result is a channels-last
-    view of Pillow's HWC pixels: torchvision's uint8 resize is fastest on that layout.
-    (Not ``torchvision.io.decode_image``: deprecated since torchvision 0.29.)"""
-    from PIL import Image, ImageOps
-
-    if not data:
-        raise BadSample("empty image file")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.format == "JPEG" and min_crop_side > 0:
-                factor = max(1, int(math.sqrt(im.width * im.height) / min_crop_side))
-                im.draft("RGB", (-(-im.width // factor), -(-im.height // factor)))
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
-                im = im.convert("RGBA")
-                im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
-            pixels = np.array(im.convert("RGB"))  # a writable copy; torch shares it
-    except Exception as err:  # Pillow's errors for corrupt, truncated or unknown data vary
-        raise BadSample(f"corrupt image ({type(err).__name__})") from None
-    if pixels.shape[0] < 1 or pixels.shape[1] < 1:
-        raise BadSample("empty image")
-    return torch.from_numpy(pixels).permute(2, 0, 1)
+    """uint8 [3, H, W] from encoded image bytes, decoded as the writer decodes them
+    (``decode.decode_image``). A JPEG is decoded at 1/2, 1/4 or 1/8 scale while sqrt(H * W) stays
+    >= ``min_crop_side`` (``PairsDataset`` sets it so that its smallest crop still covers the
+    output size). The result is a channels-last view of the HWC pixels: torchvision's uint8 resize
+    is fastest on that layout."""
+    return torch.from_numpy(decode_image(data, min_mean_side=min_crop_side)).permute(2, 0, 1)
 
 
 class PairsDataset(Dataset):
@@ -146,7 +92,7 @@ class PairsDataset(Dataset):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         image, caption, source = self.items[index]
         try:
-            text = _caption_text(caption)
+            text = caption_text(caption)
             pixels = load_rgb(image, self.min_crop_side)
         except BadSample as bad:
             return source, str(bad)

@@ -1,35 +1,32 @@
 """Image-text pairs -> one FFCV ``.beton`` file (``declip-fast write-dataset SOURCE OUT.beton``).
 
-Field layout (``FIELDS``; the loaders rely on it, in this order):
+This module only orchestrates: the layout (``FIELDS``, ``ffcv_fields``) is
+:mod:`declip_fast.data.schema`'s, the listing :mod:`declip_fast.data.sources`', the decoding and
+the caption rules :mod:`declip_fast.data.decode`'s, the per-pair work ``write_prepare``'s, the file
+``write_container``'s and ``write_output``'s, the config and summary types ``write_config``'s; the
+public names of all of them stay importable from here.
 
-- ``image``: ``RGBImageField(write_mode="jpg", max_resolution=max_side, jpeg_quality=90)``: the
-  image as RGB, longest side shrunk to ``max_side`` (default 384) with FFCV's size rule (filters:
-  ``_fit``), stored as a JPEG made by FFCV's own ``encode_jpeg``;
-- ``tokens``: ``NDArrayField(int32, (77,))``: the caption, CLIP-tokenized (``tokenizer.tokenize``);
-- ``eda_tokens``: ``NDArrayField(int32, (EDA_VARIANTS, 77))``: EDA_VARIANTS = 4 EDA variants of the
-  caption, tokenized: ``eda_variants(caption, i, seed)``, one ``random.Random(eda_seed(i, seed))``
-  per pair, ``i`` its position among the listed candidates (skipped ones count), so a file is
-  reproducible whatever the worker count. The loader picks one row per
-  sample per epoch: training never tokenizes or runs EDA;
-- ``index``: ``IntField``: the sample's row number in the written file (coverage tests).
+Each pair's ``eda_tokens`` are ``eda_variants(caption, i, seed)``, one
+``random.Random(eda_seed(i, seed))`` per pair, ``i`` its position among the listed candidates
+(skipped ones count), so a file is reproducible whatever the worker count.
 
 Sources (``list_pairs``): a CSV/TSV of (image path, caption) rows, paths absolute or relative to
-the table's folder, header optional (``image``/``caption`` or the aliases below); a folder of images
-with same-named ``.txt`` captions (searched recursively); webdataset tar shards as img2dataset
-writes them (``key.jpg`` + ``key.txt``): one ``.tar`` or a folder of them. Enumeration only records
-where the bytes are (a file, a byte range inside an uncompressed tar, or an in-memory array).
-A table's malformed rows (an unterminated or stray quote, a wrong number of fields) are skipped
-and named by the line their record starts on (1-based, the header is line 1); a caption longer
-than ``MAX_CAPTION_CHARS`` (16,384 characters) is skipped as ``caption too long``, from any
+the table's folder, header optional (``image``/``caption`` or the aliases of ``sources``); a folder
+of images with same-named ``.txt`` captions (searched recursively); webdataset tar shards as
+img2dataset writes them (``key.jpg`` + ``key.txt``): one ``.tar`` or a folder of them. Enumeration
+only records where the bytes are (a file, a byte range inside an uncompressed tar, or an in-memory
+array). A table's malformed rows (an unterminated or stray quote, a wrong number of fields) are
+skipped and named by the line their record starts on (1-based, the header is line 1); a caption
+longer than ``MAX_CAPTION_CHARS`` (16,384 characters) is skipped as ``caption too long``, from any
 source. Every skip is counted by reason in the summary.
 
 How it runs:
 
 - Workers (``write_prepare``: a process pool, forked after the tokenizer and the WordNet table
   are built, so they share them, and before the output file is opened) prepare chunks of pairs:
-  caption checks, image decoding by content (the extension is never trusted; large JPEGs are
-  decoded at a reduced DCT scale, still >= the target size), RGB conversion (alpha composited on
-  white), shrinking (``_fit``), JPEG encoding, EDA, and one tokenizer call per chunk. Bad input
+  caption checks and image decoding (``decode``: by content, the extension is never trusted;
+  large JPEGs at a reduced DCT scale, still >= the target size; alpha composited on white),
+  shrinking (``_fit``), JPEG encoding, EDA, and one tokenizer call per chunk. Bad input
   becomes a skip with a reason; a worker never raises for it. A worker dies with the writer,
   even one killed outright (``PR_SET_PDEATHSIG`` on Linux).
 - The main process takes the chunks back in source order (a bounded window of futures, so memory
@@ -52,95 +49,21 @@ How it runs:
 
 from __future__ import annotations
 
-import collections
-import dataclasses
-import json
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
 from declip_fast.data import write_output as output
-from declip_fast.data.sources import (  # noqa: F401  (re-exported)
-    MAX_CAPTION_CHARS, Blob, Pair, PathError, Skip, list_pairs)
+from declip_fast.data.schema import (  # noqa: F401  (re-exported)
+    CONTEXT_LENGTH, EDA_VARIANTS, FIELDS, MAX_CAPTION_CHARS, ffcv_fields)
+from declip_fast.data.sources import Blob, Pair, PathError, Skip, list_pairs  # noqa: F401  (re-exported)
+from declip_fast.data.write_config import (  # noqa: F401  (re-exported)
+    NoPairsError, WriteConfig, WriteSummary, save_summary)
 from declip_fast.data.write_container import _BetonFile
 from declip_fast.data.write_prepare import (  # noqa: F401  (eda_seed, eda_variants, _fit: re-exported)
-    CONTEXT_LENGTH, EDA_VARIANTS, _executor, _fit, _prepared, eda_seed, eda_variants, warm_up)
-
-FIELDS = {  # field name -> (kind, dtype, shape); the order is the file's field order
-    "image": ("RGBImageField", "uint8", None),
-    "tokens": ("NDArrayField", "int32", (CONTEXT_LENGTH,)),
-    "eda_tokens": ("NDArrayField", "int32", (EDA_VARIANTS, CONTEXT_LENGTH)),
-    "index": ("IntField", "int64", ()),
-}
-
-
-def ffcv_fields(max_side: int = 384, jpeg_quality: int = 90) -> dict:
-    """The FFCV field objects of ``FIELDS`` (ffcv is imported here, not at module import)."""
-    from ffcv.fields import IntField, NDArrayField, RGBImageField
-
-    return {
-        "image": RGBImageField(write_mode="jpg", max_resolution=max_side, jpeg_quality=jpeg_quality),
-        "tokens": NDArrayField(np.dtype("int32"), (CONTEXT_LENGTH,)),
-        "eda_tokens": NDArrayField(np.dtype("int32"), (EDA_VARIANTS, CONTEXT_LENGTH)),
-        "index": IntField(),
-    }
-
-
-@dataclasses.dataclass
-class WriteConfig:
-    max_side: int = 384  # longest image side stored
-    jpeg_quality: int = 90
-    upscale: bool = False  # also enlarge smaller images to max_side (bicubic); the demo uses it
-    seed: int = 0  # base of the per-sample EDA seeds
-    workers: int = 0  # processes preparing pairs; 0 = all cores, 1 = in the main process
-    limit: int | None = None  # write at most this many pairs
-    overwrite: bool = False
-    progress: bool = True
-    chunk_size: int = 64
-    page_size: int = 1 << 23  # FFCV's default (4 x 2 MiB)
-
-
-@dataclasses.dataclass
-class WriteSummary:
-    output: str
-    written: int
-    skips: list[Skip]
-    seconds: float
-
-    @property
-    def skipped(self) -> int:
-        return len(self.skips)
-
-    @property
-    def pairs_per_s(self) -> float:
-        return self.written / self.seconds if self.seconds > 0 else 0.0
-
-    def by_reason(self) -> dict[str, int]:
-        return dict(collections.Counter(s.reason for s in self.skips).most_common())
-
-    def to_json(self) -> dict:
-        return {"output": self.output, "written": self.written, "skipped": self.skipped,
-                "skipped_by_reason": self.by_reason(), "pairs_per_s": round(self.pairs_per_s, 2),
-                "seconds": round(self.seconds, 3),
-                "skips": [{"source": s.source, "reason": s.reason} for s in self.skips]}
-
-    def format(self) -> str:
-        lines = [f"written: {self.written} pairs -> {self.output}", f"skipped: {self.skipped}"]
-        lines += [f"  {reason}: {n}" for reason, n in self.by_reason().items()]
-        lines.append(f"pairs/s: {self.pairs_per_s:.1f} ({self.seconds:.2f} s)")
-        return "\n".join(lines)
-
-
-class NoPairsError(ValueError):
-    """Nothing valid to write; ``summary`` says why."""
-
-    def __init__(self, message: str, summary: WriteSummary):
-        super().__init__(message)
-        self.summary = summary
+    _executor, _fit, _prepared, eda_seed, eda_variants, warm_up)
 
 
 # -- writing ------------------------------------------------------------------------------------
@@ -216,8 +139,3 @@ def write_dataset(source: str | os.PathLike, out: str | os.PathLike,
     started = time.perf_counter()
     pairs, skips = list_pairs(source)
     return write_pairs(pairs, out, cfg, skips, started)
-
-
-def save_summary(summary: WriteSummary, path: str | os.PathLike) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(summary.to_json(), indent=2) + "\n")

@@ -1,15 +1,15 @@
 """The writer's worker side: one chunk of pairs -> skips or ready-to-store samples.
 
 Runs in the worker processes of ``declip_fast.data.write`` (or in the main process with one
-worker): caption checks, image decoding by content, shrinking, JPEG encoding, EDA and one tokenizer
-call per chunk. Bad input becomes a :class:`Skip` with a reason; a worker never raises for it.
-Workers die with the process that started them (``_worker_init``).
+worker): caption checks and image decoding (:mod:`declip_fast.data.decode`, the rules the fallback
+loader and eval share), shrinking (``_fit``), JPEG encoding, EDA and one tokenizer call per chunk.
+Bad input becomes a :class:`Skip` with a reason; a worker never raises for it. Workers die with
+the process that started them (``_worker_init``).
 """
 
 from __future__ import annotations
 
 import collections
-import io
 import math
 import multiprocessing
 import os
@@ -19,27 +19,17 @@ import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from declip_fast.data.sources import MAX_CAPTION_CHARS, Blob, Pair, Skip
+from declip_fast.data.decode import BadSample, caption_text, load_pixels
+from declip_fast.data.schema import CONTEXT_LENGTH, EDA_VARIANTS
+from declip_fast.data.sources import Pair, Skip
+from declip_fast.data.write_config import WriteConfig
 
-if TYPE_CHECKING:
-    from declip_fast.data.write import WriteConfig
-
-CONTEXT_LENGTH = 77
-EDA_VARIANTS = 4
-_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
 _WINDOW_PER_WORKER = 4  # chunks in flight per worker: enough to keep workers busy, bounded memory
-# A caption file is read up to this many bytes: more cannot decode to MAX_CAPTION_CHARS characters
-# of text plus surrounding whitespace worth keeping, and a huge one is never read whole.
-_CAPTION_MAX_BYTES = 4 * MAX_CAPTION_CHARS + 4096
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-class _Bad(Exception):
-    """A pair that cannot be written; the message is the skip reason."""
 
 
 def eda_seed(position: int, seed: int = 0) -> int:
@@ -56,74 +46,6 @@ def eda_variants(caption: str, position: int, seed: int = 0, table=None) -> list
     return [eda(caption, rng, table) for _ in range(EDA_VARIANTS)]
 
 
-def _read(blob: Blob, what: str, limit: int | None = None) -> bytes:
-    """The blob's bytes; with ``limit``, more than ``limit`` of them is a "{what} too long" skip."""
-    want = blob.size if limit is None else (limit + 1 if blob.size is None else min(blob.size, limit + 1))
-    try:
-        with open(blob.path, "rb") as f:
-            f.seek(blob.offset)
-            data = f.read() if want is None else f.read(want)
-    except FileNotFoundError:
-        raise _Bad(f"missing {what}") from None
-    except OSError:
-        raise _Bad(f"unreadable {what}") from None
-    if limit is not None and len(data) > limit:
-        raise _Bad(f"{what} too long")
-    if blob.size is not None and len(data) < blob.size:  # a tar member cut short
-        raise _Bad(f"truncated {what}")
-    return data
-
-
-def _caption(raw) -> str:
-    if raw is None:
-        raise _Bad("missing caption")
-    if isinstance(raw, Blob):
-        raw = _read(raw, "caption", _CAPTION_MAX_BYTES)
-    if isinstance(raw, bytes):
-        try:
-            raw = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise _Bad("caption not utf-8") from None
-    try:
-        raw.encode("utf-8")  # lone surrogates: bytes a table could not decode
-    except UnicodeEncodeError:
-        raise _Bad("caption not utf-8") from None
-    text = raw.lstrip("\ufeff").strip()
-    if not text:
-        raise _Bad("empty caption")
-    if len(text) > MAX_CAPTION_CHARS:  # sources.MAX_CAPTION_CHARS says why
-        raise _Bad("caption too long")
-    return text
-
-
-def _decode(data: bytes, max_side: int) -> np.ndarray:
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    if not data:
-        raise _Bad("empty image file")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            ratio = max_side / max(im.size)
-            if ratio < 1:  # JPEG: decode at 1/2..1/8 scale, still at least the target size
-                im.draft("RGB", (math.ceil(im.size[0] * ratio), math.ceil(im.size[1] * ratio)))
-            im.load()
-            try:
-                im = ImageOps.exif_transpose(im)
-            except Exception:  # a broken EXIF block: keep the pixels as stored
-                pass
-            if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
-                im = im.convert("RGBA")
-                background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(background, im)
-            return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
-    except UnidentifiedImageError:
-        raise _Bad("truncated image" if data.startswith(_IMAGE_MAGIC) else "not an image") from None
-    except Image.DecompressionBombError:
-        raise _Bad("image too large") from None
-    except Exception as err:  # any decoder complaint about the bytes
-        raise _Bad("truncated image" if "runcated" in str(err) else "corrupt image") from None
-
-
 def _fit(image: np.ndarray, max_side: int, upscale: bool) -> np.ndarray:
     """FFCV's size rule (longest side -> max_side, sides truncated), never a 0-pixel side.
 
@@ -131,7 +53,7 @@ def _fit(image: np.ndarray, max_side: int, upscale: bool) -> np.ndarray:
     up (and for upscaling). On a shrink by a fractional ratio (500x375 -> 384x288) bicubic is both
     several times faster than INTER_AREA and the closest of cv2's filters to Lanczos, where
     INTER_AREA is further from it. JPEGs arrive already DCT-scaled to within 2x of the target
-    (``_decode``), so most shrinks take the fast filter.
+    (``decode.decode_image``), so most shrinks take the fast filter.
     """
     import cv2
 
@@ -148,16 +70,10 @@ def _image(raw, cfg: WriteConfig) -> tuple[np.ndarray, int, int]:
     """(JPEG bytes as uint8, height, width), encoded by FFCV's own ``encode_jpeg``."""
     from ffcv.fields.rgb_image import encode_jpeg
 
-    if raw is None:
-        raise _Bad("missing image")
-    if isinstance(raw, np.ndarray):
-        image = raw if raw.ndim == 3 else np.repeat(raw[:, :, None], 3, axis=2)
-    else:
-        image = _decode(_read(raw, "image"), cfg.max_side)
-    image = _fit(image.astype(np.uint8, copy=False), cfg.max_side, cfg.upscale)
+    image = _fit(load_pixels(raw, min_longest_side=cfg.max_side), cfg.max_side, cfg.upscale)
     jpeg = encode_jpeg(image, cfg.jpeg_quality)
     if jpeg.nbytes + (1 + EDA_VARIANTS) * CONTEXT_LENGTH * 4 > cfg.page_size:  # a sample fits one page
-        raise _Bad("image too large")
+        raise BadSample("image too large")
     return jpeg, image.shape[0], image.shape[1]
 
 
@@ -169,9 +85,9 @@ def _prepare_chunk(start: int, pairs: Sequence[Pair], cfg: WriteConfig) -> list:
     table, out, texts = synonym_table(), [], []
     for position, pair in enumerate(pairs, start=start):
         try:
-            caption = _caption(pair.caption)
+            caption = caption_text(pair.caption)
             jpeg = _image(pair.image, cfg)
-        except _Bad as bad:
+        except BadSample as bad:
             out.append(Skip(pair.source, str(bad)))
             continue
         except Exception as err:  # unforeseen input: counted and named, never the end of the write

@@ -13,8 +13,10 @@ training statistics, int64 [B] labels), read from either
   FFCV reads in file order; the crop is CLIP's evaluation crop, the central square of side
   ``min(h, w)`` resized to S (``CenterCropRGBImageDecoder`` with ``ratio`` = crop side / shorter
   side = 1.0); or
-- a folder in ImageFolder layout (one subfolder per class, sorted names = class ids), decoded with
-  PIL: shorter side resized to S (bicubic), then the central S x S.
+- a folder in ImageFolder layout (one subfolder per class, sorted names = class ids), decoded as
+  the writer and the fallback loader decode (:mod:`declip_fast.data.decode`: by content, EXIF
+  orientation applied, alpha on white), at full resolution; then shorter side resized to S
+  (PIL's bicubic), then the central S x S.
 
 Everything heavy (FFCV, PIL) is imported inside the functions that need it.
 """
@@ -33,6 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from declip_fast.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from declip_fast.data.decode import BadSample, load_pixels
+from declip_fast.data.schema import IMAGE_EXTENSIONS
 
 # CLIP's 80 ImageNet prompt templates (the "Prompt_Engineering_for_ImageNet" notebook of
 # openai/CLIP), in the notebook's order. Data, not code.
@@ -62,7 +66,6 @@ CLIP_IMAGENET_TEMPLATES = (
     "a dark photo of a {}.", "itap of a {}.", "graffiti of the {}.", "a toy {}.",
     "itap of my {}.", "a photo of a cool {}.", "a photo of a small {}.", "a tattoo of the {}.",
 )
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 
 Prompts = Sequence[str] | Mapping[str, Sequence[str]]  # templates with "{}", or class -> prompts
 
@@ -246,14 +249,14 @@ class _ImageFiles(torch.utils.data.Dataset):
 
 
 def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
-    """uint8 [size, size, 3]: RGB, shorter side resized to ``size`` (bicubic), central crop."""
+    """uint8 [size, size, 3]: RGB (``decode.load_pixels``, whole), shorter side resized to ``size``
+    (bicubic), central crop. An image that does not decode is a ``ValueError`` naming the path."""
     from PIL import Image
 
     try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-    except OSError as err:
-        raise ValueError(f"cannot read image {path}: {err}") from err
+        image = Image.fromarray(load_pixels(path))
+    except BadSample as bad:
+        raise ValueError(f"cannot read image {path}: {bad}") from None
     w, h = image.size
     scale = size / min(w, h)
     new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))

@@ -29,6 +29,7 @@ NNS its gathered neighbours, so gradients averaged over ranks equal the single-p
 from __future__ import annotations
 
 import dataclasses
+from typing import cast
 
 import torch
 from torch import nn
@@ -113,7 +114,7 @@ class DeCLIPLoss(nn.Module):
         if self.nns is not None:
             self.nns.commit(keep)
 
-    def needs(self) -> dict[str, object]:
+    def needs(self) -> dict[str, int | bool]:
         """What the model must compute for this mixture: views and heads."""
         w = self.weights
         return dict(
@@ -138,18 +139,18 @@ class DeCLIPLoss(nn.Module):
                 losses["mvs"] = torch.stack(values).mean()
         if w["iss"]:
             p, z = self._require(features, "image_pred", 2), self._require(features, "image_proj", 2)
-            losses["iss"] = self.simsiam(p[0], p[1], z[0], z[1])
+            losses["iss"] = cast(SimSiamLoss, self.simsiam)(p[0], p[1], z[0], z[1])
         if w["tss"]:
             if features.get("mlm_loss") is not None:
                 losses["tss"] = self._global_mlm_mean(features["mlm_loss"], features.get("mlm_count"))
             else:
                 logits = self._require(features, "mlm_logits")
-                losses["tss"] = self.mlm(logits, self._require(features, "mlm_targets"))
+                losses["tss"] = cast(MLMLoss, self.mlm)(logits, self._require(features, "mlm_targets"))
         if w["nns"]:
-            nns = self.nns(images, texts, scale)
+            nns = cast(NNSLoss, self.nns)(images, texts, scale)
             if nns is not None:
                 losses["nns"] = nns
-        losses["total"] = sum(w[name] * value.float() for name, value in losses.items())
+        losses["total"] = cast(torch.Tensor, sum(w[name] * value.float() for name, value in losses.items()))
         return losses
 
     def _global_mlm_mean(self, local_mean: torch.Tensor, count) -> torch.Tensor:

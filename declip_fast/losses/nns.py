@@ -31,6 +31,8 @@ a cosine search and the queue stores unit rows; they receive no gradient from th
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -64,6 +66,8 @@ class FeatureQueue(nn.Module):
     Note that, like other containers, an empty queue is falsy: test ``queue is None``, not
     ``not queue``.
     """
+
+    rows: torch.Tensor  # the registered buffer
 
     def __init__(self, size: int, dim: int, device=None, dtype=None):
         super().__init__()
@@ -244,6 +248,8 @@ class NNSLoss(nn.Module):
     fixes them). A queue on another device than the features is moved to them once.
     """
 
+    queue: FeatureQueue | None  # a submodule (add_module), None until built
+
     def __init__(self, queue_size: int = 65536, dim: int | None = None, rank: int = 0,
                  world_size: int = 1, impl: str = "auto", group=None, device=None, dtype=None):
         super().__init__()
@@ -356,7 +362,7 @@ class NNSLoss(nn.Module):
                 term = kernels.clip_loss(image, keys, scale, mode="rows", offset=offset,
                                          out_dtype=out_dtype, impl=impl)
                 total = term if total is None else total + term
-        return total / (len(image_views) * len(text_views))
+        return cast(torch.Tensor, total) / (len(image_views) * len(text_views))
 
     def _neighbour_keys(self, queue, text_views, dtype) -> list[torch.Tensor]:
         """Per text view, the [N, D] neighbour rows of all ranks in rank order (constants).

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from declip_fast.losses.linear_ce import IGNORE_INDEX
+from declip_fast.kernels.linear_ce import IGNORE_INDEX
 
 
 def _check_pair(name: str, a: torch.Tensor, b: torch.Tensor) -> None:

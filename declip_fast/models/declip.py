@@ -46,12 +46,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from declip_fast.losses.linear_ce import IGNORE_INDEX
+from declip_fast.kernels.linear_ce import IGNORE_INDEX
 from declip_fast.models.attention import Backend
 from declip_fast.models.heads import MLMHead, SimSiamConfig, SimSiamPredictor, SimSiamProjector
 from declip_fast.models.resnet import ModifiedResNet, ResNetConfig
@@ -81,6 +82,11 @@ def reset_all_parameters(module: nn.Module) -> None:
 
 
 class DeCLIP(nn.Module):
+    visual: ModifiedResNet | VisionTransformer
+    projector: SimSiamProjector | None
+    predictor: SimSiamPredictor | None
+    mlm_head: MLMHead | None
+
     def __init__(self, config: DeCLIPConfig):
         super().__init__()
         self.config = config
@@ -163,7 +169,7 @@ class DeCLIP(nn.Module):
             features = _encode_views(self.visual, images, self.fuse_views)
             if self.projector is not None and len(images) == 2:
                 out["image_proj"] = [self.projector(f) for f in features]
-                out["image_pred"] = [self.predictor(z) for z in out["image_proj"]]
+                out["image_pred"] = [cast(SimSiamPredictor, self.predictor)(z) for z in out["image_proj"]]
             out["image_features"] = [F.normalize(f, dim=-1) for f in features]
 
         texts = [t for t in (text_1, text_2) if t is not None]
@@ -172,16 +178,18 @@ class DeCLIP(nn.Module):
                 features = _encode_views(self.text, texts, self.fuse_views)
             else:
                 features, states = _encode_views(self.text, texts, self.fuse_views, return_tokens=True)
+                mlm_head = cast(MLMHead, self.mlm_head)  # checked above
                 if mlm_targets is None:
-                    out["mlm_logits"] = self.mlm_head(states[0], mlm_positions)
+                    out["mlm_logits"] = mlm_head(states[0], mlm_positions)
                 else:
-                    out["mlm_loss"], out["mlm_count"] = self.mlm_head.loss(states[0], mlm_positions, mlm_targets,
-                                                                           return_count=True)
+                    out["mlm_loss"], out["mlm_count"] = mlm_head.loss(states[0], mlm_positions, mlm_targets,
+                                                                      return_count=True)
             out["text_features"] = [F.normalize(f, dim=-1) for f in features]
         return out
 
 
-def _encode_views(tower: nn.Module, views: list[torch.Tensor], fuse: bool | None = None, **kwargs):
+def _encode_views(tower: VisionTransformer | ModifiedResNet | TextTransformer, views: list[torch.Tensor],
+                  fuse: bool | None = None, **kwargs):
     """The tower on each view; one concatenated forward when the tower allows it and ``fuse``
     (None: on accelerators, not on the CPU) says so.
 

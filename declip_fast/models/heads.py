@@ -11,7 +11,8 @@ models never import torch.distributed.
 MLM: a BERT-style transform (Linear(W, W), GELU, LayerNorm) then Linear(W, vocab). It runs only
 on the positions it is given, gathered *before* the transform: at B = 128, 77 tokens, vocab 49,409,
 fp32 logits for every position would cost ~2 GB; the chosen positions (15% of the caption's own
-tokens, a few per caption) cost a few percent of that.
+tokens, a few per caption) cost a few percent of that. Its loss is the kernel-level fused linear
+cross-entropy (``declip_fast.kernels.linear_cross_entropy``), which never stores even those logits.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from declip_fast.losses.linear_ce import IGNORE_INDEX, linear_cross_entropy
+from declip_fast import kernels
+from declip_fast.kernels.linear_ce import IGNORE_INDEX
 
 
 @dataclass
@@ -97,8 +99,9 @@ class MLMHead(nn.Module):
     def loss(self, states: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
              return_count: bool = False):
         """Mean cross-entropy at the chosen positions, without storing their ``[K, vocab]`` logits
-        (``losses.linear_ce``): equal to ``F.cross_entropy(self(states, positions), targets)`` with
-        ``ignore_index=-100``, in ~half the time on the CPU and a fraction of the memory.
+        (``kernels.linear_cross_entropy``): equal to ``F.cross_entropy(self(states, positions),
+        targets)`` with ``ignore_index=-100``, in ~half the time on the CPU and a fraction of the
+        memory.
 
         ``targets``: ``[K]`` in the order of the gathered positions, or ``[B, L]`` aligned with
         ``states`` (then read at ``positions``). Runs inside this module so FSDP2 has the
@@ -108,7 +111,7 @@ class MLMHead(nn.Module):
         if targets.dim() == 2:
             targets = gather_positions(targets.unsqueeze(-1), positions).squeeze(-1)
         x = self._transform(states, positions)
-        loss = linear_cross_entropy(x, self.decoder.weight, self.decoder.bias, targets, IGNORE_INDEX)
+        loss = kernels.linear_cross_entropy(x, self.decoder.weight, self.decoder.bias, targets, IGNORE_INDEX)
         return (loss, (targets != IGNORE_INDEX).sum()) if return_count else loss
 
     def _transform(self, states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -26,8 +26,9 @@ Choices, and why:
   gives its own, torchtitan's ``Stateful`` protocol) are NOT put into DCP, though DCP can pickle
   non-tensor leaves: it flattens nested dicts into dotted keys and can load them back only into
   a template of the very same structure, which a resuming trainer does not have for them
-  (that is what it is loading). The RNG streams (``RNGState``) differ per rank: one file each. They are replicated on every rank, so rank 0 writes them to
-  ``state.pt`` and every rank reads it.
+  (that is what it is loading). They are replicated on every rank, so rank 0 writes them to
+  ``state.pt`` and every rank reads it. The RNG streams (``RNGState``) differ per rank: one
+  file each.
 - ``state.pt`` and the RNG files are read with ``torch.load(weights_only=True)``: no pickled code
   runs on resume. ``save`` therefore checks up front that the state holds only containers,
   numbers, strings and tensors (naming the offending key), instead of failing at resume time.

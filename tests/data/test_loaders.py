@@ -361,6 +361,34 @@ def test_fallback_skips_and_counts_corrupt_images(data, tmp_path, caplog):
     assert all(len(b["images_1"]) == len(b["index"]) == len(b["text_1"]) for b in batches)
 
 
+@pytest.mark.parametrize("source", ["table", "folder"])
+def test_fallback_skips_and_counts_captions_that_are_not_utf8(data, tmp_path, caplog, source):
+    """The writer's caption rule (declip_fast.data.decode.caption_text): bytes that are not UTF-8
+    are a bad sample, skipped and counted, never a caption with replacement characters. A table's
+    bad bytes arrive as lone surrogates (it is read with surrogateescape), a .txt's as bytes."""
+    bad = {3: "caf\xe9 au lait".encode("latin-1"), 20: b"\xff\xfe\x00 not text"}
+    if source == "table":
+        lines = [f"{os.path.join(data['root'], f'{i}.jpg')},".encode() + (bad.get(i) or c.encode()) + b"\n"
+                 for i, c in enumerate(data["captions"])]
+        (tmp_path / "pairs.csv").write_bytes(b"".join(lines))
+        path = str(tmp_path / "pairs.csv")
+    else:  # names sort in row order
+        for i, c in enumerate(data["captions"]):
+            (tmp_path / f"{i:02d}.jpg").write_bytes((data["root"] / f"{i}.jpg").read_bytes())
+            (tmp_path / f"{i:02d}.txt").write_bytes(bad.get(i) or c.encode())
+        path = str(tmp_path)
+    cfg = L.DataConfig(source=path, backend="torch", batch_size=BATCH, image_size=SIZE, num_workers=2,
+                       mlm=False)
+    loader = L.build_loader(cfg, "cpu")
+    with caplog.at_level(logging.WARNING):
+        batches = list(loader)
+    assert loader.skipped == 2 and caplog.text.count("caption not utf-8") == 2
+    index = _cat(batches, "index")
+    assert sorted(index.tolist()) == sorted(set(range(N)) - set(bad))
+    tokens = tokenize([data["captions"][i] for i in index.tolist()])
+    assert torch.equal(_cat(batches, "text_1"), tokens), "the good captions are read as written"
+
+
 def test_fallback_decodes_large_jpegs_at_a_reduced_scale_only_when_crops_allow(tmp_path):
     import io
 

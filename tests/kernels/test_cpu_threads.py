@@ -8,8 +8,7 @@ import threading
 import pytest
 import torch
 
-from declip_fast.kernels import cpu_threads, reference
-from declip_fast.losses.linear_ce import linear_cross_entropy
+from declip_fast.kernels import cpu_threads, linear_cross_entropy, reference, reference_lookup
 
 
 @pytest.fixture
@@ -83,7 +82,7 @@ def test_paths_are_deterministic_and_match_one_thread(two_threads):
 def test_lookup_ties_across_workers_pick_the_lowest_index(two_threads, monkeypatch):
     """Chunks (6 of 184 rows here) alternate between the two workers: a tie between row 300
     (chunk 1, worker 1) and row 900 (chunk 4, worker 0) must still return row 300."""
-    monkeypatch.setattr(reference, "LOOKUP_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(reference_lookup, "LOOKUP_CHUNK_ELEMENTS", 1)  # where the torch lookup reads it
     gen = torch.Generator().manual_seed(1)
     bank = torch.nn.functional.normalize(torch.randn(1100, 24, generator=gen), dim=-1)
     q = bank[[300, 20]].clone()

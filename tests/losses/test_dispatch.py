@@ -1,6 +1,7 @@
 """The one dispatch (issue 19): the functional API of declip_fast.kernels picks torch or Triton
 in one place, resolve_impl, and the losses call only it."""
 
+import inspect
 import subprocess
 import sys
 
@@ -10,7 +11,6 @@ import torch
 from declip_fast import cli, kernels
 from declip_fast.kernels import reference
 from declip_fast.losses import clip as clip_module
-from declip_fast.losses.linear_ce import linear_cross_entropy
 
 
 def _features(n=10, d=6, seed=0):
@@ -21,7 +21,7 @@ def _features(n=10, d=6, seed=0):
 
 
 def test_importing_the_kernels_package_imports_no_triton():
-    code = ("import sys, declip_fast.kernels, declip_fast.losses; "
+    code = ("import sys, declip_fast.kernels, declip_fast.losses, declip_fast.models; "
             "sys.exit(1 if 'triton' in sys.modules or 'declip_fast.kernels.contrastive' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
@@ -42,9 +42,23 @@ def test_linear_ce_has_only_torch():
     x, w, t = torch.randn(4, 3), torch.randn(7, 3), torch.tensor([0, 1, 2, 6])
     assert kernels.resolve_impl("auto", x, "linear_ce") == "torch"
     expected = torch.nn.functional.cross_entropy(x @ w.T, t)
-    torch.testing.assert_close(linear_cross_entropy(x, w, None, t, impl="torch"), expected)
+    torch.testing.assert_close(kernels.linear_cross_entropy(x, w, None, t, impl="torch"), expected)
     with pytest.raises(NotImplementedError, match="linear_ce has no Triton kernel"):
-        linear_cross_entropy(x, w, None, t, impl="triton")
+        kernels.linear_cross_entropy(x, w, None, t, impl="triton")
+    with pytest.raises(ValueError, match="impl"):
+        kernels.linear_cross_entropy(x, w, None, t, impl="cuda")
+
+
+def test_linear_ce_moved_to_the_kernels_with_an_alias():
+    """The fused linear cross-entropy is a kernel-level op; losses.linear_ce is its deprecated alias."""
+    from declip_fast.kernels import linear_ce
+    from declip_fast.losses import linear_ce as alias
+
+    assert alias.linear_cross_entropy is kernels.linear_cross_entropy
+    assert alias.IGNORE_INDEX == linear_ce.IGNORE_INDEX == -100
+    assert alias.default_tile is linear_ce.default_tile
+    default = inspect.signature(kernels.linear_cross_entropy).parameters["ignore_index"].default
+    assert default == linear_ce.IGNORE_INDEX
 
 
 def test_clip_loss_modes_are_the_reference_functions():

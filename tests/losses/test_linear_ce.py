@@ -1,11 +1,12 @@
-"""linear_cross_entropy against PyTorch's F.cross_entropy(F.linear(...)) in float64, and the MLM
+"""linear_cross_entropy (declip_fast.kernels' functional API; its torch implementation is
+kernels/linear_ce.py) against PyTorch's F.cross_entropy(F.linear(...)) in float64, and the MLM
 head's fused loss against its logits path."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from declip_fast.losses.linear_ce import linear_cross_entropy
+from declip_fast.kernels import linear_cross_entropy
 from declip_fast.models import presets
 
 

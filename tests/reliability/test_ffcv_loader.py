@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -133,10 +132,10 @@ def test_an_exception_in_the_loader_thread_reaches_the_consumer(beton):
         return run
 
     loader._loader.code = ([(failing(stages[0][0]), stages[0][1]), *stages[1:]], outputs)
-    started = time.monotonic()
-    finished, error = _in_thread(lambda: list(loader), timeout=20)
+    finished, error = _in_thread(lambda: list(loader), timeout=20)  # the deadline only catches a hang
     assert finished, "the consumer hung on FFCV's queue"
-    assert time.monotonic() - started < 10
+    # The thread's own exception, handed over on the queue: not the consumer's fallback for a thread
+    # that died without a word ("ended without a batch or an error", noticed by polling).
     assert isinstance(error, LoaderThreadError), error
     assert str(error) == f"{beton}: FFCV's loader thread failed: OSError: disk on fire"
     assert isinstance(error.__cause__, OSError)
