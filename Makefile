@@ -13,10 +13,11 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -m "not slow"
 
-# The lint gate: ruff's pyflakes, pycodestyle and bugbear rules, then mypy on the public API (both
-# configured in pyproject.toml).
+# The lint gate: ruff's pyflakes, pycodestyle and bugbear rules, ruff's formatter (`ruff format .`
+# fixes what it finds), then mypy on the public API (all configured in pyproject.toml).
 lint: setup
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 
 # The public API's type check (the [tool.mypy] files in pyproject.toml); make lint runs it too.

@@ -101,13 +101,23 @@ def test_attention_gpu(benchmark, report, matmul_tflops, case, phase, backend):
     tflops = _flops(case, phase) / seconds / 1e12
     batch, heads, seq, head_dim, causal = CASES[case]
     benchmark.extra_info.update(
-        median_s=seconds, tflops=tflops, of_peak=tflops / matmul_tflops, matmul_tflops=matmul_tflops,
-        batch=batch, heads=heads, seq=seq, head_dim=head_dim, causal=causal,
+        median_s=seconds,
+        tflops=tflops,
+        of_peak=tflops / matmul_tflops,
+        matmul_tflops=matmul_tflops,
+        batch=batch,
+        heads=heads,
+        seq=seq,
+        head_dim=head_dim,
+        causal=causal,
     )
     report(
         f"attention on {torch.cuda.get_device_name()}, bf16 (bf16 mm peak {matmul_tflops:.0f} TFLOP/s)",
         shape=f"{case} B{batch} H{heads} L{seq} D{head_dim}" + (" causal" if causal else ""),
-        phase=phase, backend=backend, ms=f"{seconds * 1e3:.3f}", TFLOPs=f"{tflops:.0f}",
+        phase=phase,
+        backend=backend,
+        ms=f"{seconds * 1e3:.3f}",
+        TFLOPs=f"{tflops:.0f}",
         of_peak=f"{tflops / matmul_tflops:.0%}",
     )
 
@@ -127,11 +137,20 @@ def test_auto_picks_faster(benchmark, report, case, phase):
     verdict = "yes" if picked == fastest else f"no ({slower_by:.1%} slower)"
     if len(timed) == 1:
         verdict += " (only one backend ran)"
-    benchmark.extra_info.update(auto=picked, fastest=fastest, median_s={b: s for b, s in timed.items()},
-                                not_run={b: s for b, s in measured.items() if isinstance(s, str)})
+    benchmark.extra_info.update(
+        auto=picked,
+        fastest=fastest,
+        median_s={b: s for b, s in timed.items()},
+        not_run={b: s for b, s in measured.items() if isinstance(s, str)},
+    )
     cell = lambda b: f"{timed[b] * 1e3:.3f}" if b in timed else "n/a"
     report(
         f"attention backend choice on {torch.cuda.get_device_name()}, bf16",
-        shape=case, phase=phase, auto_picks=picked, faster=fastest,
-        xformers_ms=cell("xformers"), sdpa_ms=cell("sdpa"), auto_is_faster=verdict,
+        shape=case,
+        phase=phase,
+        auto_picks=picked,
+        faster=fastest,
+        xformers_ms=cell("xformers"),
+        sdpa_ms=cell("sdpa"),
+        auto_is_faster=verdict,
     )

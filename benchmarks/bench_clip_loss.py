@@ -35,7 +35,10 @@ _measured: dict[tuple[str, int], dict] = {}
 def _peak_extra_bytes(impl: str, n: int) -> int:
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.peak_memory", "--impl", impl, "--n", str(n), "--d", str(D)],
-        capture_output=True, text=True, cwd=REPO, check=True,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
     )
     return json.loads(out.stdout)["extra_bytes"]
 

@@ -79,10 +79,21 @@ def test_contrastive_gpu(benchmark, report, matmul_tflops, impl, n, d, phase):
     benchmark.pedantic(step, rounds=1, iterations=1)
     peak_extra = torch.cuda.max_memory_allocated() - base
     tflops = PHASES[phase] * n * n * d / seconds / 1e12
-    benchmark.extra_info.update(median_s=seconds, tflops=tflops, of_peak=tflops / matmul_tflops,
-                                peak_extra_bytes=peak_extra, matmul_tflops=matmul_tflops)
+    benchmark.extra_info.update(
+        median_s=seconds,
+        tflops=tflops,
+        of_peak=tflops / matmul_tflops,
+        peak_extra_bytes=peak_extra,
+        matmul_tflops=matmul_tflops,
+    )
     report(
         f"contrastive loss on {torch.cuda.get_device_name()}, bf16 (bf16 mm peak {matmul_tflops:.0f} TFLOP/s)",
-        impl=impl, N=n, D=d, phase=phase, ms=f"{seconds * 1e3:.2f}", TFLOPs=f"{tflops:.0f}",
-        of_peak=f"{tflops / matmul_tflops:.0%}", extra_MiB=f"{peak_extra / 2**20:.0f}",
+        impl=impl,
+        N=n,
+        D=d,
+        phase=phase,
+        ms=f"{seconds * 1e3:.2f}",
+        TFLOPs=f"{tflops:.0f}",
+        of_peak=f"{tflops / matmul_tflops:.0%}",
+        extra_MiB=f"{peak_extra / 2**20:.0f}",
     )

@@ -93,7 +93,7 @@ def _photo(items: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     for k, item in enumerate(items):
         r, c = divmod(k, cols)
         cell = cv2.resize(item, (cell_w, cell_h), interpolation=cv2.INTER_CUBIC).astype(np.float64) / 255
-        region = canvas[r * cell_h:(r + 1) * cell_h, c * cell_w:(c + 1) * cell_w]
+        region = canvas[r * cell_h : (r + 1) * cell_h, c * cell_w : (c + 1) * cell_w]
         region[:] = region * (1 - cell[..., None]) + rng.uniform(0, 255, size=3) * cell[..., None]
     canvas += rng.normal(0, 6, size=canvas.shape)
     return np.clip(canvas, 0, 255).astype(np.uint8)
@@ -118,19 +118,31 @@ def dataset(tmp_path_factory):
             Image.fromarray(_photo(images[picks[i]], rng)).save(root / f"{i}.jpg", quality=90)
             writer.writerow([f"{i}.jpg", captions[i]])
     for name, side in (("beton", 512), ("beton384", 384)):
-        write_dataset(root / "pairs.csv", root / f"{name}.beton",
-                      WriteConfig(max_side=side, workers=WORKERS, progress=False))
+        write_dataset(
+            root / "pairs.csv", root / f"{name}.beton", WriteConfig(max_side=side, workers=WORKERS, progress=False)
+        )
     sizes = [os.path.getsize(root / f"{i}.jpg") for i in range(N_SAMPLES)]
-    return {"csv": str(root / "pairs.csv"), "beton": str(root / "beton.beton"),
-            "beton384": str(root / "beton384.beton"), "jpeg_kb": np.mean(sizes) / 1e3}
+    return {
+        "csv": str(root / "pairs.csv"),
+        "beton": str(root / "beton.beton"),
+        "beton384": str(root / "beton384.beton"),
+        "jpeg_kb": np.mean(sizes) / 1e3,
+    }
 
 
 def test_loader_throughput(benchmark, report, dataset):
     torch.set_num_threads(WORKERS)
     loaders = {}
     for name, (backend, beton, fused) in LOADERS.items():
-        cfg = DataConfig(beton=dataset[beton] if beton else None, source=dataset["csv"], backend=backend,
-                         batch_size=BATCH, image_size=224, num_workers=WORKERS, ffcv_fused_views=fused)
+        cfg = DataConfig(
+            beton=dataset[beton] if beton else None,
+            source=dataset["csv"],
+            backend=backend,
+            batch_size=BATCH,
+            image_size=224,
+            num_workers=WORKERS,
+            ffcv_fused_views=fused,
+        )
         loaders[name] = build_loader(cfg, "cpu")
     wall, cpu = collections.defaultdict(list), collections.defaultdict(list)
     counts = set()
@@ -157,9 +169,11 @@ def test_loader_throughput(benchmark, report, dataset):
     benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
     assert counts == {N_SAMPLES - N_SAMPLES % BATCH}
     n = counts.pop()
-    title = (f"Loader: two views at 224 px + MLM + EDA, {N_SAMPLES} JPEGs of {WIDTH}x{HEIGHT} "
-             f"(~{dataset['jpeg_kb']:.0f} kB), {WORKERS} workers, batch {BATCH}, CPU, "
-             f"best of {ROUNDS} epochs")
+    title = (
+        f"Loader: two views at 224 px + MLM + EDA, {N_SAMPLES} JPEGs of {WIDTH}x{HEIGHT} "
+        f"(~{dataset['jpeg_kb']:.0f} kB), {WORKERS} workers, batch {BATCH}, CPU, "
+        f"best of {ROUNDS} epochs"
+    )
     for setting in SETTINGS:
         fallback = n / min(wall["fallback", setting])
         for name in LOADERS:
@@ -169,6 +183,12 @@ def test_loader_throughput(benchmark, report, dataset):
             ms = 1e3 * statistics.median(cpu[name, setting]) / n
             benchmark.extra_info[f"{name}_{setting}_samples_per_s"] = rate
             benchmark.extra_info[f"{name}_{setting}_cpu_ms_per_sample"] = ms
-            report(title, setting=setting, loader=name, samples_per_s=f"{rate:.1f}",
-                   per_core=f"{rate / WORKERS:.1f}", cpu_ms_per_sample=f"{ms:.2f}",
-                   vs_fallback=f"{rate / fallback:.2f}x")
+            report(
+                title,
+                setting=setting,
+                loader=name,
+                samples_per_s=f"{rate:.1f}",
+                per_core=f"{rate / WORKERS:.1f}",
+                cpu_ms_per_sample=f"{ms:.2f}",
+                vs_fallback=f"{rate / fallback:.2f}x",
+            )

@@ -99,9 +99,23 @@ def _check_answer(search, queries, bank) -> None:
 
 def _cpu_peak_extra_bytes(impl: str, b: int, m: int, d: int) -> int:
     out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.peak_memory_lookup", "--impl", impl,
-         "--b", str(b), "--m", str(m), "--d", str(d)],
-        capture_output=True, text=True, cwd=REPO, check=True,
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.peak_memory_lookup",
+            "--impl",
+            impl,
+            "--b",
+            str(b),
+            "--m",
+            str(m),
+            "--d",
+            str(d),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
     )
     return json.loads(out.stdout)["extra_bytes"]
 
@@ -149,15 +163,32 @@ def test_nn_lookup(benchmark, report, device, matmul_tflops, b, m, d, impl):
     gb_s = (b + m) * d * bank.element_size() / seconds / 1e9
     dtype = str(bank.dtype).removeprefix("torch.")
     benchmark.extra_info.update(
-        impl=impl, b=b, m=m, d=d, dtype=dtype, device=device, median_s=seconds, tflops=tflops,
-        gb_s=gb_s, of_peak=tflops / matmul_tflops, matmul_tflops=matmul_tflops, peak_extra_bytes=extra,
+        impl=impl,
+        b=b,
+        m=m,
+        d=d,
+        dtype=dtype,
+        device=device,
+        median_s=seconds,
+        tflops=tflops,
+        gb_s=gb_s,
+        of_peak=tflops / matmul_tflops,
+        matmul_tflops=matmul_tflops,
+        peak_extra_bytes=extra,
     )
     _measured[(impl, b, m, d)] = {"s": seconds, "extra": extra, "of_peak": tflops / matmul_tflops}
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     report(
         f"nn_lookup on {where}, {dtype} (matmul rate {matmul_tflops:.3g} TFLOP/s)",
-        impl=impl, B=b, M=m, D=d, ms=f"{seconds * 1e3:.2f}", TFLOPs=f"{tflops:.3g}",
-        GB_s=f"{gb_s:.3g}", of_peak=f"{tflops / matmul_tflops:.0%}", extra_MiB=f"{extra / 2**20:.1f}",
+        impl=impl,
+        B=b,
+        M=m,
+        D=d,
+        ms=f"{seconds * 1e3:.2f}",
+        TFLOPs=f"{tflops:.3g}",
+        GB_s=f"{gb_s:.3g}",
+        of_peak=f"{tflops / matmul_tflops:.0%}",
+        extra_MiB=f"{extra / 2**20:.1f}",
     )
     if impl == "ours":
         _report_ratios(report, device, b, m, d)
@@ -178,23 +209,48 @@ def _report_ratios(report, device: str, b: int, m: int, d: int) -> None:
     vs_torch, vs_faiss = _ratio(ours, torch_run), _ratio(ours, faiss_run)
     report(
         "nn_lookup ratios: ours / torch matmul+max and ours / faiss (time, peak extra memory)",
-        B=b, M=m, D=d, ours_ms=f"{ours['s'] * 1e3:.2f}",
+        B=b,
+        M=m,
+        D=d,
+        ours_ms=f"{ours['s'] * 1e3:.2f}",
         torch_ms=f"{torch_run['s'] * 1e3:.2f}" if torch_run else "-",
         faiss_ms=f"{faiss_run['s'] * 1e3:.2f}" if faiss_run else "-",
-        time_vs_torch=vs_torch[0], memory_vs_torch=vs_torch[1],
-        time_vs_faiss=vs_faiss[0], memory_vs_faiss=vs_faiss[1],
+        time_vs_torch=vs_torch[0],
+        memory_vs_torch=vs_torch[1],
+        time_vs_faiss=vs_faiss[0],
+        memory_vs_faiss=vs_faiss[1],
     )
     table = "nn_lookup acceptance"
     if (b, m, d) == ACCEPT_CASE and torch_run:
         time_ratio, memory_ratio = ours["s"] / torch_run["s"], ours["extra"] / max(torch_run["extra"], 1)
         if device == "cpu":
-            report(table, case=f"B={b} M={m} D={d} fp32", criterion="time ours/torch <= 1",
-                   measured=f"{time_ratio:.2f}", ok="yes" if time_ratio <= 1 else "NO")
-            report(table, case=f"B={b} M={m} D={d} fp32", criterion="memory ours/torch <= 1/8",
-                   measured=f"1/{1 / max(memory_ratio, 1e-9):.1f}", ok="yes" if memory_ratio <= 1 / 8 else "NO")
+            report(
+                table,
+                case=f"B={b} M={m} D={d} fp32",
+                criterion="time ours/torch <= 1",
+                measured=f"{time_ratio:.2f}",
+                ok="yes" if time_ratio <= 1 else "NO",
+            )
+            report(
+                table,
+                case=f"B={b} M={m} D={d} fp32",
+                criterion="memory ours/torch <= 1/8",
+                measured=f"1/{1 / max(memory_ratio, 1e-9):.1f}",
+                ok="yes" if memory_ratio <= 1 / 8 else "NO",
+            )
         else:
-            report(table, case=f"B={b} M={m} D={d} bf16", criterion="speed-up torch/ours >= 1.5",
-                   measured=f"{1 / time_ratio:.2f}", ok="yes" if time_ratio <= 1 / 1.5 else "NO")
+            report(
+                table,
+                case=f"B={b} M={m} D={d} bf16",
+                criterion="speed-up torch/ours >= 1.5",
+                measured=f"{1 / time_ratio:.2f}",
+                ok="yes" if time_ratio <= 1 / 1.5 else "NO",
+            )
     if device == "cuda" and m == max(BANKS):
-        report(table, case=f"B={b} M={m} D={d} bf16", criterion="ours >= 60% of the bf16 matmul rate",
-               measured=f"{ours['of_peak']:.0%}", ok="yes" if ours["of_peak"] >= 0.6 else "NO")
+        report(
+            table,
+            case=f"B={b} M={m} D={d} bf16",
+            criterion="ours >= 60% of the bf16 matmul rate",
+            measured=f"{ours['of_peak']:.0%}",
+            ok="yes" if ours["of_peak"] >= 0.6 else "NO",
+        )

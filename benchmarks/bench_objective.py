@@ -68,8 +68,9 @@ def _step_fn(name: str, objective: str, captions: str):
         flat_targets = targets.reshape(-1)[positions]
 
         def call():
-            return model(images_1=x1, images_2=x2, text_1=masked, text_2=t2,
-                         mlm_positions=positions, mlm_targets=flat_targets)
+            return model(
+                images_1=x1, images_2=x2, text_1=masked, text_2=t2, mlm_positions=positions, mlm_targets=flat_targets
+            )
 
     def step():
         model.zero_grad(set_to_none=True)
@@ -133,8 +134,10 @@ def test_training_step(benchmark, report, objective, preset, captions):
         benchmark.extra_info["flops"] = flops
         report(
             f"DeCLIP vs CLIP training step, tiny presets, batch {BATCH}, CPU, {captions} captions",
-            clip_ms=f"{clip * 1e3:.1f}", declip_ms=f"{declip * 1e3:.1f}",
-            ratio=f"{declip / clip:.2f}x", interleaved_ratio=f"{interleaved:.2f}x",
+            clip_ms=f"{clip * 1e3:.1f}",
+            declip_ms=f"{declip * 1e3:.1f}",
+            ratio=f"{declip / clip:.2f}x",
+            interleaved_ratio=f"{interleaved:.2f}x",
             gflop=f"{flops['clip'] / 1e9:.1f} / {flops['released'] / 1e9:.1f}",
             flop_ratio=f"{flops['released'] / flops['clip']:.2f}x",
             target="<= 2.4x" if captions == "demo" else "(worst case, not a target)",

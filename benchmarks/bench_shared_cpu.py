@@ -65,9 +65,14 @@ def test_shared_cpu(benchmark, report, hogs):
             for n in (1, 2):
                 torch.set_num_threads(n)
                 seconds[n] = _time(fn)
-            report("CPU paths beside busy processes (2 threads / 1 thread; target <= 1.5 under load)",
-                   case=name, busy_processes=hogs, ms_1_thread=f"{seconds[1] * 1e3:.0f}",
-                   ms_2_threads=f"{seconds[2] * 1e3:.0f}", ratio=f"{seconds[2] / seconds[1]:.2f}")
+            report(
+                "CPU paths beside busy processes (2 threads / 1 thread; target <= 1.5 under load)",
+                case=name,
+                busy_processes=hogs,
+                ms_1_thread=f"{seconds[1] * 1e3:.0f}",
+                ms_2_threads=f"{seconds[2] * 1e3:.0f}",
+                ratio=f"{seconds[2] / seconds[1]:.2f}",
+            )
             benchmark.extra_info[f"{name} ratio"] = seconds[2] / seconds[1]
     finally:
         torch.set_num_threads(threads)

@@ -10,8 +10,10 @@ import torch
 
 from declip_fast.data import eda, masking
 
-WORDS = ("a photo of the small red dog running across green grass near an old wooden house "
-         "two people ride bikes on sunny road while children play with kite beside lake").split()
+WORDS = (
+    "a photo of the small red dog running across green grass near an old wooden house "
+    "two people ride bikes on sunny road while children play with kite beside lake"
+).split()
 
 
 def _captions(n: int, seed: int = 0) -> list[str]:

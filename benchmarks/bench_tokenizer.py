@@ -26,10 +26,29 @@ N_WARM = 5_000  # warm passes re-read the first quarter only: the suite must sta
 IMPLS = ["ours", "open_clip"]
 ROUNDS = {"ours": 3, "open_clip": 1}  # OpenCLIP needs ~6 s a pass on the 2-core CI box
 _SYLLABLES = "ka lo mi ra ten su ver an dro pli gu the st ing er on co ba ze ul".split()
-_COMMON = ("a an the of in on with at by photo picture image view man woman dog cat car tree house "
-           "street beach sunset city old new red blue green white black two three my our is are").split()
-_EXOTIC = ["café", "Straße", "naïve", "日本の風景", "東京", "서울", "Москва", "🎉", "❤️", "📷",
-           "&amp;", "&quot;hi&quot;", "it&#39;s", "“quoted”", "—", "½", "Ａ"]
+_COMMON = (
+    "a an the of in on with at by photo picture image view man woman dog cat car tree house "
+    "street beach sunset city old new red blue green white black two three my our is are"
+).split()
+_EXOTIC = [
+    "café",
+    "Straße",
+    "naïve",
+    "日本の風景",
+    "東京",
+    "서울",
+    "Москва",
+    "🎉",
+    "❤️",
+    "📷",
+    "&amp;",
+    "&quot;hi&quot;",
+    "it&#39;s",
+    "“quoted”",
+    "—",
+    "½",
+    "Ａ",
+]
 _measured: dict[str, dict[str, float]] = {}
 
 
@@ -70,8 +89,9 @@ def test_tokenize_throughput(benchmark, report, captions, impl):
         used.append(_fresh(impl))
         return (used[-1],), {}
 
-    result = benchmark.pedantic(lambda tok: tok(captions, context_length=77), setup=setup,
-                                rounds=ROUNDS[impl], warmup_rounds=0)
+    result = benchmark.pedantic(
+        lambda tok: tok(captions, context_length=77), setup=setup, rounds=ROUNDS[impl], warmup_rounds=0
+    )
     assert result.shape == (N_CAPTIONS, 77) and result.dtype == torch.long
     warm_s = []
     for _ in range(ROUNDS[impl]):  # the last tokenizer again: its cache is full

@@ -36,12 +36,19 @@ from declip_fast.models import presets
 ON_GPU = torch.cuda.is_available()
 # label -> (preset, tower attribute); the clip_* presets are the declip_* towers without heads.
 if ON_GPU:
-    TOWERS = {"ViT-B/32": ("clip_vit_b32", "visual"), "ViT-B/16": ("clip_vit_b16", "visual"),
-              "RN50": ("clip_r50", "visual"), "text": ("clip_vit_b32", "text")}
+    TOWERS = {
+        "ViT-B/32": ("clip_vit_b32", "visual"),
+        "ViT-B/16": ("clip_vit_b16", "visual"),
+        "RN50": ("clip_r50", "visual"),
+        "text": ("clip_vit_b32", "text"),
+    }
     BATCH, ROUNDS = 256, 10
 else:
-    TOWERS = {"tiny ViT": ("declip_tiny", "visual"), "tiny RN": ("declip_tiny_rn", "visual"),
-              "tiny text": ("declip_tiny", "text")}
+    TOWERS = {
+        "tiny ViT": ("declip_tiny", "visual"),
+        "tiny RN": ("declip_tiny_rn", "visual"),
+        "tiny text": ("declip_tiny", "text"),
+    }
     BATCH, ROUNDS = 64, 15
 TARGETS = {("ViT-B/32", True): ">= 45% MFU on H100"}
 
@@ -158,18 +165,34 @@ def test_tower_fwd_bwd(benchmark, report, peak_flops, label, compiled):
     speedup = _eager_seconds.get(label) / seconds if compiled and label in _eager_seconds else None
     dtype = "bf16 autocast" if ON_GPU else "fp32"
     benchmark.extra_info.update(
-        median_s=seconds, items_per_s=BATCH / seconds, model_flops_per_step=flops, flops_per_s=achieved,
-        mfu=achieved / peak_flops, peak_flops=peak_flops, warmup_s=warmup_s, batch=BATCH, dtype=dtype,
-        preset=preset, tower=attr, compiled=compiled, speedup_vs_eager=speedup,
+        median_s=seconds,
+        items_per_s=BATCH / seconds,
+        model_flops_per_step=flops,
+        flops_per_s=achieved,
+        mfu=achieved / peak_flops,
+        peak_flops=peak_flops,
+        warmup_s=warmup_s,
+        batch=BATCH,
+        dtype=dtype,
+        preset=preset,
+        tower=attr,
+        compiled=compiled,
+        speedup_vs_eager=speedup,
     )
     threads = torch.get_num_threads()
     device_name = torch.cuda.get_device_name() if ON_GPU else f"CPU, {threads} thread{'s' * (threads != 1)}"
     mm = "bf16 mm 8192^3" if ON_GPU else "fp32 mm 2048^3"
     report(
         f"tower fwd+bwd throughput on {device_name}, {dtype} ({mm} peak {_rate(peak_flops)})",
-        tower=label, batch=BATCH, mode="compiled" if compiled else "eager", ms=f"{seconds * 1e3:.2f}",
+        tower=label,
+        batch=BATCH,
+        mode="compiled" if compiled else "eager",
+        ms=f"{seconds * 1e3:.2f}",
         per_s=f"{BATCH / seconds:,.0f} {'texts' if attr == 'text' else 'images'}",
-        GFLOP_step=f"{flops / 1e9:.2f}", achieved=_rate(achieved), MFU=f"{achieved / peak_flops:.1%}",
-        vs_eager=f"{speedup:.2f}x" if speedup else "", warmup_s=f"{warmup_s:.1f}",
+        GFLOP_step=f"{flops / 1e9:.2f}",
+        achieved=_rate(achieved),
+        MFU=f"{achieved / peak_flops:.1%}",
+        vs_eager=f"{speedup:.2f}x" if speedup else "",
+        warmup_s=f"{warmup_s:.1f}",
         target=TARGETS.get((label, compiled), ""),
     )

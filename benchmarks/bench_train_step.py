@@ -23,8 +23,11 @@ from declip_fast.models.text import EOT_ID, SOT_ID
 
 ON_GPU = torch.cuda.is_available()
 BATCH = 256 if ON_GPU else 64
-PRESETS = {"clip": "clip_vit_b32", "released": "declip_vit_b32"} if ON_GPU else {
-    "clip": "clip_tiny", "released": "declip_tiny"}
+PRESETS = (
+    {"clip": "clip_vit_b32", "released": "declip_vit_b32"}
+    if ON_GPU
+    else {"clip": "clip_tiny", "released": "declip_tiny"}
+)
 ROUNDS, WARMUP = (10, 3) if ON_GPU else (3, 1)
 CAPTION_WORDS = 20
 _times: dict[str, float] = {}
@@ -54,8 +57,13 @@ def _step_fn(objective: str):
     if objective == "clip":
         inputs = dict(images_1=images[0], text_1=tokens.to(device))
     else:
-        inputs = dict(images_1=images[0], images_2=images[1], text_1=masked.to(device),
-                      text_2=text_2.to(device), mlm_targets=targets.to(device))
+        inputs = dict(
+            images_1=images[0],
+            images_2=images[1],
+            text_1=masked.to(device),
+            text_2=text_2.to(device),
+            mlm_targets=targets.to(device),
+        )
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -88,11 +96,12 @@ def test_train_step(benchmark, report, objective, captions):
     benchmark.pedantic(timed, rounds=ROUNDS, iterations=1)
     median = benchmark.stats.stats.median
     _times[objective] = median
-    benchmark.extra_info.update(median_s=median, images_per_s=BATCH / median, batch=BATCH,
-                                preset=PRESETS[objective])
+    benchmark.extra_info.update(median_s=median, images_per_s=BATCH / median, batch=BATCH, preset=PRESETS[objective])
     if len(_times) == 2:
         device = torch.cuda.get_device_name() if ON_GPU else "CPU"
-        report(f"Training step incl. AdamW, batch {BATCH}, {'bf16 autocast' if ON_GPU else 'fp32'}, {device}",
-               clip=f"{PRESETS['clip']}: {BATCH / _times['clip']:.0f} img/s",
-               declip=f"{PRESETS['released']}: {BATCH / _times['released']:.0f} img/s",
-               ratio=f"{_times['released'] / _times['clip']:.2f}x")
+        report(
+            f"Training step incl. AdamW, batch {BATCH}, {'bf16 autocast' if ON_GPU else 'fp32'}, {device}",
+            clip=f"{PRESETS['clip']}: {BATCH / _times['clip']:.0f} img/s",
+            declip=f"{PRESETS['released']}: {BATCH / _times['released']:.0f} img/s",
+            ratio=f"{_times['released'] / _times['clip']:.2f}x",
+        )

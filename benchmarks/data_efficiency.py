@@ -36,14 +36,16 @@ if not __package__:  # run as a script: make the benchmarks package importable
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import cpu_name, git_state  # noqa: E402
+
 METHODS = {  # name: overrides of the demo preset
     "clip": ["model.preset=clip_tiny", "loss=clip"],
     "declip": ["model.preset=declip_tiny"],
 }
 
 
-def run_one(method: str, fraction: float, seed: int, steps: int, work: Path, demo_data: str,
-            extra: list[str] = ()) -> dict:
+def run_one(
+    method: str, fraction: float, seed: int, steps: int, work: Path, demo_data: str, extra: list[str] = ()
+) -> dict:
     """Train (or read back) one run; returns its record."""
     from declip_fast.train.config import load_config
     from declip_fast.train.trainer import train
@@ -53,9 +55,18 @@ def run_one(method: str, fraction: float, seed: int, steps: int, work: Path, dem
     record = {"method": method, "fraction": fraction, "seed": seed, "steps": steps, "run_dir": str(run_dir)}
     if not done.exists():
         overrides = METHODS[method] + [
-            f"run_dir={run_dir}", f"steps={steps}", f"seed={seed}", f"data.fraction={fraction}",
-            f"data.fraction_seed={seed}", f"demo_data={demo_data}", f"checkpoint_every={max(1, steps // 2)}",
-            "progress=false", "tensorboard=false", "plot=false", *extra]
+            f"run_dir={run_dir}",
+            f"steps={steps}",
+            f"seed={seed}",
+            f"data.fraction={fraction}",
+            f"data.fraction_seed={seed}",
+            f"demo_data={demo_data}",
+            f"checkpoint_every={max(1, steps // 2)}",
+            "progress=false",
+            "tensorboard=false",
+            "plot=false",
+            *extra,
+        ]
         start = time.perf_counter()
         summary = train(load_config("demo", overrides))
         record["train_s"] = time.perf_counter() - start
@@ -78,28 +89,42 @@ def summarize(records: list[dict]) -> list[dict]:
     for (method, fraction), runs in sorted(groups.items()):
         top1 = [r["top1"] for r in runs]
         top5 = [r["top5"] for r in runs]
-        rows.append({"method": method, "fraction": fraction, "seeds": len(runs),
-                     "top1_mean": statistics.fmean(top1), "top1_min": min(top1), "top1_max": max(top1),
-                     "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
-                     "top5_mean": statistics.fmean(top5)})
+        rows.append(
+            {
+                "method": method,
+                "fraction": fraction,
+                "seeds": len(runs),
+                "top1_mean": statistics.fmean(top1),
+                "top1_min": min(top1),
+                "top1_max": max(top1),
+                "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
+                "top5_mean": statistics.fmean(top5),
+            }
+        )
     return rows
 
 
 def markdown(result: dict) -> str:
     """The table of a results file (also used by ``benchmarks/report.py``)."""
     meta = result["meta"]
-    lines = [f"Zero-shot top-1 (%) on the demo test split ({meta['test_images']} images, 10 classes), "
-             f"{meta['steps']} steps of batch {meta['batch_size']}, mean over seeds {meta['seeds']} "
-             f"(min..max); {meta['device']}, {meta['date']}, commit {meta['commit']}.", "",
-             "| fraction of pairs | pairs | " + " | ".join(meta["methods"]) + " |",
-             "|---:|---:|" + "---:|" * len(meta["methods"])]
+    lines = [
+        f"Zero-shot top-1 (%) on the demo test split ({meta['test_images']} images, 10 classes), "
+        f"{meta['steps']} steps of batch {meta['batch_size']}, mean over seeds {meta['seeds']} "
+        f"(min..max); {meta['device']}, {meta['date']}, commit {meta['commit']}.",
+        "",
+        "| fraction of pairs | pairs | " + " | ".join(meta["methods"]) + " |",
+        "|---:|---:|" + "---:|" * len(meta["methods"]),
+    ]
     by = {(r["method"], r["fraction"]): r for r in result["summary"]}
     for fraction in meta["fractions"]:
         cells = []
         for method in meta["methods"]:
             r = by.get((method, fraction))
-            cells.append("" if r is None else
-                         f"{100 * r['top1_mean']:.1f} ({100 * r['top1_min']:.1f}..{100 * r['top1_max']:.1f})")
+            cells.append(
+                ""
+                if r is None
+                else f"{100 * r['top1_mean']:.1f} ({100 * r['top1_min']:.1f}..{100 * r['top1_max']:.1f})"
+            )
         pairs = round(fraction * meta["train_pairs"])
         lines.append(f"| {100 * fraction:g}% | {pairs:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -122,8 +147,11 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xticks([100 * f for f in meta["fractions"]], [f"{100 * f:g}%" for f in meta["fractions"]])
     ax.set_xlabel("fraction of the demo training pairs")
     ax.set_ylabel("zero-shot top-1 (%)")
-    ax.set_title(f"Tiny presets, {meta['steps']} steps, mean of {len(meta['seeds'])} seeds (band: lowest..highest)\n"
-                 f"{meta['device']}, {meta['date']}", fontsize=9)
+    ax.set_title(
+        f"Tiny presets, {meta['steps']} steps, mean of {len(meta['seeds'])} seeds (band: lowest..highest)\n"
+        f"{meta['device']}, {meta['date']}",
+        fontsize=9,
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -141,8 +169,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--demo-data", default=str(ROOT / "data" / "demo"))
     parser.add_argument("--name", default=None, help="output stem (default data_efficiency-<date>-cpu)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="more overrides of the demo preset for every run, e.g. data.batch_size=64")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="more overrides of the demo preset for every run, e.g. data.batch_size=64",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     import numpy as np
@@ -157,17 +190,26 @@ def main(argv=None) -> dict:
         for fraction in args.fractions:
             for method in args.methods:
                 record = run_one(method, fraction, seed, args.steps, args.work, args.demo_data, args.set)
-                print(f"{method:7s} fraction {fraction:<5g} seed {seed}: top-1 {100 * record['top1']:.1f}% "
-                      f"top-5 {100 * record['top5']:.1f}%", flush=True)
+                print(
+                    f"{method:7s} fraction {fraction:<5g} seed {seed}: top-1 {100 * record['top1']:.1f}% "
+                    f"top-5 {100 * record['top5']:.1f}%",
+                    flush=True,
+                )
                 records.append(record)
     date = datetime.date.today().isoformat()
     commit, dirty = git_state()
-    meta = {"date": date, "device": f"CPU ({os.cpu_count()} cores, {cpu_name()})",
-            "commit": (commit or "unknown")[:7] + (" (uncommitted changes)" if dirty else ""),
-            "steps": args.steps, "seeds": args.seeds, "fractions": args.fractions,
-            "methods": args.methods, "batch_size": base.data.batch_size,
-            "train_pairs": len(np.load(Path(args.demo_data) / "train_labels.npy")),
-            "test_images": len(np.load(Path(args.demo_data) / "test_labels.npy"))}
+    meta = {
+        "date": date,
+        "device": f"CPU ({os.cpu_count()} cores, {cpu_name()})",
+        "commit": (commit or "unknown")[:7] + (" (uncommitted changes)" if dirty else ""),
+        "steps": args.steps,
+        "seeds": args.seeds,
+        "fractions": args.fractions,
+        "methods": args.methods,
+        "batch_size": base.data.batch_size,
+        "train_pairs": len(np.load(Path(args.demo_data) / "train_labels.npy")),
+        "test_images": len(np.load(Path(args.demo_data) / "test_labels.npy")),
+    }
     result = {"meta": meta, "runs": records, "summary": summarize(records)}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / (args.name or f"data_efficiency-{date}-cpu")

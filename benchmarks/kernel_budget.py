@@ -78,6 +78,7 @@ def cdiv(a: int, b: int) -> int:
 
 # ---- counts: pure arithmetic on the problem and the tiling ----------------------------------
 
+
 def forward_flops(m: int, n: int, d: int) -> int:
     return 2 * m * n * d
 
@@ -138,6 +139,7 @@ def programs_per_sm(registers: int, num_warps: int, shared: int) -> int:
 
 # ---- the H100 roofline ------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Machine:
     matmul: float  # FLOP/s
@@ -154,13 +156,18 @@ def h100(dtype: str, l2: float = L2_BYTES_PER_S) -> Machine:
 
 def roofline(flops, hbm_bytes, l2_bytes, exp2, machine: Machine) -> tuple[dict, str, float]:
     """(seconds per resource, the binding resource, the bound: the largest of them)."""
-    times = {"matmul": flops / machine.matmul, "HBM": hbm_bytes / machine.hbm,
-             "L2": l2_bytes / machine.l2, "exp2": exp2 / machine.exp2}
+    times = {
+        "matmul": flops / machine.matmul,
+        "HBM": hbm_bytes / machine.hbm,
+        "L2": l2_bytes / machine.l2,
+        "exp2": exp2 / machine.exp2,
+    }
     binds = max(times, key=times.get)
     return times, binds, times[binds]
 
 
 # ---- the rows: one per (kernel, config), from the specs the compile tests build --------------
+
 
 def launch_plan(n: int, d: int, b: int, m: int) -> dict:
     """What the launchers pick on a 132-SM H100 (mirrors contrastive.forward_stats / _owner_pass
@@ -180,10 +187,20 @@ def launch_plan(n: int, d: int, b: int, m: int) -> dict:
 def _row(kernel: str, spec: dict, flops, exp2, traffic, programs) -> dict:
     meta = spec["config"]
     label = " ".join(f"{k}={v}" for k, v in meta.items())
-    return dict(kernel=kernel, config=f"{label} w{spec['num_warps']} s{spec['num_stages']}",
-                meta=meta, num_warps=spec["num_warps"], num_stages=spec["num_stages"], flops=flops,
-                exp2=exp2, hbm_bytes=traffic[0], l2_bytes=traffic[1], atomics=0, programs=programs,
-                spec=spec)
+    return dict(
+        kernel=kernel,
+        config=f"{label} w{spec['num_warps']} s{spec['num_stages']}",
+        meta=meta,
+        num_warps=spec["num_warps"],
+        num_stages=spec["num_stages"],
+        flops=flops,
+        exp2=exp2,
+        hbm_bytes=traffic[0],
+        l2_bytes=traffic[1],
+        atomics=0,
+        programs=programs,
+        spec=spec,
+    )
 
 
 def contrastive_rows(n: int, d: int, dtype: str, plan: dict) -> list[dict]:
@@ -196,8 +213,9 @@ def contrastive_rows(n: int, d: int, dtype: str, plan: dict) -> list[dict]:
         c = spec["config"]
         if spec["kernel"] == "_fwd_kernel":
             traffic = forward_bytes(n, n, d, e, c["BM"], c["BN"], plan["p_r"], plan["p_c"])
-            forward.append(_row("forward", spec, forward_flops(n, n, d), forward_exp2(n, n),
-                                traffic, plan["p_r"] * plan["p_c"]))
+            forward.append(
+                _row("forward", spec, forward_flops(n, n, d), forward_exp2(n, n), traffic, plan["p_r"] * plan["p_c"])
+            )
             continue
         flops, exp2 = owner_pass_flops(n, n, d, c["BD"]), owner_pass_exp2(n, n, d, c["BD"])
         traffic = owner_pass_bytes(n, n, d, e, c["BP"], c["BQ"], c["BD"], s)
@@ -216,18 +234,24 @@ def lookup_rows(b: int, m: int, d: int, dtype: str, plan: dict) -> list[dict]:
     out = []
     for spec in lookup_specs(b, m, d, dtype):
         c = spec["config"]
-        out.append(_row("lookup", spec, lookup_flops(b, m, d), 0,
-                        lookup_bytes(b, m, d, e, c["BM"], c["BN"], s), cdiv(b, c["BM"]) * s))
+        out.append(
+            _row(
+                "lookup",
+                spec,
+                lookup_flops(b, m, d),
+                0,
+                lookup_bytes(b, m, d, e, c["BM"], c["BN"], s),
+                cdiv(b, c["BM"]) * s,
+            )
+        )
     return out
 
 
 def add_roofline(rows: list[dict], machine: Machine) -> None:
     for row in rows:
-        times, binds, bound = roofline(row["flops"], row["hbm_bytes"], row["l2_bytes"],
-                                       row["exp2"], machine)
+        times, binds, bound = roofline(row["flops"], row["hbm_bytes"], row["l2_bytes"], row["exp2"], machine)
         rate = row["flops"] / bound
-        row.update(times_s=times, binds=binds, bound_s=bound, tflops=rate / 1e12,
-                   of_peak=rate / machine.matmul)
+        row.update(times_s=times, binds=binds, bound_s=bound, tflops=rate / 1e12, of_peak=rate / machine.matmul)
 
 
 def add_builds(rows: list[dict]) -> None:
@@ -236,9 +260,14 @@ def add_builds(rows: list[dict]) -> None:
 
     for row, res in zip(rows, compile_sm90([row["spec"] for row in rows])):
         per_sm = programs_per_sm(res.registers, res.num_warps, res.shared)
-        row.update(registers=res.registers, spill_bytes=res.spills, shared_bytes=res.shared,
-                   wgmma=res.has_wgmma, programs_per_sm=per_sm,
-                   waves=row["programs"] / (H100_SMS * per_sm) if per_sm else None)
+        row.update(
+            registers=res.registers,
+            spill_bytes=res.spills,
+            shared_bytes=res.shared,
+            wgmma=res.has_wgmma,
+            programs_per_sm=per_sm,
+            waves=row["programs"] / (H100_SMS * per_sm) if per_sm else None,
+        )
 
 
 def best(rows: list[dict], kernel: str) -> dict:
@@ -250,31 +279,42 @@ def loss_step(rows: list[dict], n: int, d: int, machine: Machine) -> dict:
     """Forward + row pass + column pass, each at its best config, run one after the other."""
     parts = [best(rows, k) for k in ("forward", "backward rows", "backward columns")]
     flops, bound = sum(p["flops"] for p in parts), sum(p["bound_s"] for p in parts)
-    return dict(configs={p["kernel"]: p["config"] for p in parts}, flops=flops,
-                flops_per_n2d=flops / (n * n * d), bound_s=bound, tflops=flops / bound / 1e12,
-                of_peak=flops / bound / machine.matmul)
+    return dict(
+        configs={p["kernel"]: p["config"] for p in parts},
+        flops=flops,
+        flops_per_n2d=flops / (n * n * d),
+        bound_s=bound,
+        tflops=flops / bound / 1e12,
+        of_peak=flops / bound / machine.matmul,
+    )
 
 
 # ---- output ------------------------------------------------------------------------------------
 
 COUNT_COLUMNS = [
-    ("kernel", lambda r: r["kernel"]), ("config", lambda r: r["config"]),
+    ("kernel", lambda r: r["kernel"]),
+    ("config", lambda r: r["config"]),
     ("TFLOP", lambda r: f"{r['flops'] / 1e12:.3f}"),
     ("exp2 (G)", lambda r: f"{r['exp2'] / 1e9:.2f}"),
     ("HBM (MB)", lambda r: f"{r['hbm_bytes'] / 1e6:.1f}"),
     ("L2 (GB)", lambda r: f"{r['l2_bytes'] / 1e9:.2f}"),
-    ("atomics", lambda r: str(r["atomics"])), ("programs", lambda r: str(r["programs"])),
+    ("atomics", lambda r: str(r["atomics"])),
+    ("programs", lambda r: str(r["programs"])),
 ]
 BUILD_COLUMNS = [
-    ("regs", lambda r: str(r["registers"])), ("spill B", lambda r: str(r["spill_bytes"])),
-    ("smem KiB", lambda r: f"{r['shared_bytes'] / 1024:.0f}"), ("warps", lambda r: str(r["num_warps"])),
+    ("regs", lambda r: str(r["registers"])),
+    ("spill B", lambda r: str(r["spill_bytes"])),
+    ("smem KiB", lambda r: f"{r['shared_bytes'] / 1024:.0f}"),
+    ("warps", lambda r: str(r["num_warps"])),
     ("prog/SM", lambda r: str(r["programs_per_sm"])),
     ("waves", lambda r: "-" if r["waves"] is None else f"{r['waves']:.2f}"),
 ]
 BOUND_COLUMNS = [
     *((f"{k} ms", lambda r, k=k: f"{r['times_s'][k] * 1e3:.3f}") for k in ("matmul", "HBM", "L2", "exp2")),
-    ("bound ms", lambda r: f"{r['bound_s'] * 1e3:.3f}"), ("TFLOP/s", lambda r: f"{r['tflops']:.0f}"),
-    ("of peak", lambda r: f"{r['of_peak']:.0%}"), ("binds", lambda r: r["binds"]),
+    ("bound ms", lambda r: f"{r['bound_s'] * 1e3:.3f}"),
+    ("TFLOP/s", lambda r: f"{r['tflops']:.0f}"),
+    ("of peak", lambda r: f"{r['of_peak']:.0%}"),
+    ("binds", lambda r: r["binds"]),
 ]
 
 
@@ -282,15 +322,18 @@ def table(rows: list[dict], columns: list[tuple]) -> list[str]:
     cells = [[fn(r) for _, fn in columns] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (h, _) in enumerate(columns)]
     line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"
-    return [line([h for h, _ in columns]), "|" + "|".join("-" * (w + 2) for w in widths) + "|",
-            *(line(c) for c in cells)]
+    return [
+        line([h for h, _ in columns]),
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+        *(line(c) for c in cells),
+    ]
 
 
-def text_report(args, plan: dict, machine: Machine, rows: list[dict], step: dict,
-                built: bool) -> list[str]:
+def text_report(args, plan: dict, machine: Machine, rows: list[dict], step: dict, built: bool) -> list[str]:
     n, d = args.n, args.d
-    bound_title = "sm_90 build and H100 roofline bound" if built else \
-        "H100 roofline bound (no sm_90 build: --no-compile)"
+    bound_title = (
+        "sm_90 build and H100 roofline bound" if built else "H100 roofline bound (no sm_90 build: --no-compile)"
+    )
     lines = [
         f"Kernel budget: symmetric contrastive loss N = {n}, D = {d}; lookup B = {args.lookup_b}, "
         f"M = {args.lookup_m}, D = {d}; {args.dtype}",
@@ -299,10 +342,14 @@ def text_report(args, plan: dict, machine: Machine, rows: list[dict], step: dict
         f"H100 SXM (assumed): matmul {machine.matmul / 1e12:.1f} TFLOP/s, "
         f"HBM {machine.hbm / 1e12:.2f} TB/s, L2 {machine.l2 / 1e12:.2f} TB/s, "
         f"exp2 {machine.exp2 / 1e12:.2f} T/s "
-        f"({H100_SMS} SMs x {H100_CLOCK_HZ / 1e9:.2f} GHz x {SFU_PER_CLOCK_PER_SM}/clk)", "",
-        "Counts per kernel and config", *table(rows, COUNT_COLUMNS), "",
+        f"({H100_SMS} SMs x {H100_CLOCK_HZ / 1e9:.2f} GHz x {SFU_PER_CLOCK_PER_SM}/clk)",
+        "",
+        "Counts per kernel and config",
+        *table(rows, COUNT_COLUMNS),
+        "",
         bound_title,
-        *table(rows, COUNT_COLUMNS[:2] + (BUILD_COLUMNS if built else []) + BOUND_COLUMNS), "",
+        *table(rows, COUNT_COLUMNS[:2] + (BUILD_COLUMNS if built else []) + BOUND_COLUMNS),
+        "",
     ]
     bm, bn = ATOMIC_DESIGN_TILE
     lookup = best(rows, "lookup")
@@ -312,26 +359,25 @@ def text_report(args, plan: dict, machine: Machine, rows: list[dict], step: dict
         f"Lookup at its best config ({lookup['config']}): bound {lookup['bound_s'] * 1e3:.3f} ms, "
         f"{lookup['tflops']:.0f} TFLOP/s = {lookup['of_peak']:.0%} of peak.",
         "Loss step (forward + both passes at the best configs: "
-        + "; ".join(f"{k}: {v}" for k, v in step["configs"].items()) + "):",
+        + "; ".join(f"{k}: {v}" for k, v in step["configs"].items())
+        + "):",
         f"  {step['flops'] / 1e12:.3f} TFLOP = {step['flops_per_n2d']:g} N^2 D, bound "
         f"{step['bound_s'] * 1e3:.3f} ms, {step['tflops']:.0f} TFLOP/s = {step['of_peak']:.0%} of peak",
     ]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.kernel_budget",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=32768,
-                        help="rows = columns of the loss (default 32768)")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.kernel_budget", description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=32768, help="rows = columns of the loss (default 32768)")
     parser.add_argument("--d", type=int, default=512, help="feature width (default 512)")
     parser.add_argument("--dtype", choices=list(ELEMENT_BYTES), default="bfloat16")
     parser.add_argument("--lookup-b", type=int, default=4096, help="lookup queries (default 4096)")
     parser.add_argument("--lookup-m", type=int, default=65536, help="lookup bank rows (default 65536)")
-    parser.add_argument("--l2-tbs", type=float, default=L2_BYTES_PER_S / 1e12,
-                        help="assumed L2 bandwidth in TB/s (default 5.5)")
+    parser.add_argument(
+        "--l2-tbs", type=float, default=L2_BYTES_PER_S / 1e12, help="assumed L2 bandwidth in TB/s (default 5.5)"
+    )
     parser.add_argument("--json", type=Path, help="also write the table as JSON here")
-    parser.add_argument("--no-compile", action="store_true",
-                        help="skip the sm_90 build columns (fast)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the sm_90 build columns (fast)")
     args = parser.parse_args(argv)
     if min(args.n, args.d, args.lookup_b, args.lookup_m) < 1 or args.l2_tbs <= 0:
         parser.error("sizes and the L2 bandwidth must be positive")
@@ -352,9 +398,14 @@ def main(argv=None) -> int:
     if args.json:
         problem = {k: v for k, v in vars(args).items() if k not in ("json", "no_compile")}
         atomics = atomic_design_atomics(args.n, args.n, args.d, *ATOMIC_DESIGN_TILE)
-        data = dict(problem=problem, plan=plan, machine=asdict(machine),
-                    rows=[{k: v for k, v in r.items() if k != "spec"} for r in rows],
-                    loss_step=step, atomic_design_atomics=atomics)
+        data = dict(
+            problem=problem,
+            plan=plan,
+            machine=asdict(machine),
+            rows=[{k: v for k, v in r.items() if k != "spec"} for r in rows],
+            loss_step=step,
+            atomic_design_atomics=atomics,
+        )
         args.json.write_text(json.dumps(data, indent=2) + "\n")
     return 0
 

@@ -29,8 +29,11 @@ from pathlib import Path
 # same call under several ``impl`` params.
 PEERS = {
     "bench_clip_loss": ("ClipLoss fwd+bwd", "ours", {"open_clip": "OpenCLIP ClipLoss"}),
-    "bench_contrastive": ("contrastive loss, bf16", "declip_fast",
-                          {"open_clip": "OpenCLIP ClipLoss", "inf_cl": "Inf-CL flash loss"}),
+    "bench_contrastive": (
+        "contrastive loss, bf16",
+        "declip_fast",
+        {"open_clip": "OpenCLIP ClipLoss", "inf_cl": "Inf-CL flash loss"},
+    ),
     "bench_nn_lookup": ("top-1 lookup", "ours", {"torch": "torch matmul+max", "faiss": "faiss IndexFlatIP"}),
 }
 
@@ -44,10 +47,14 @@ def load(path: Path) -> dict:
         raise SystemExit(f"report.py: {path}: no such file") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise SystemExit(f"report.py: {path} is not a benchmark results file (not JSON: {err}); {hint}") from None
-    if not (isinstance(data, dict) and isinstance(data.get("benchmarks"), list)
-            and isinstance(data.get("machine_info"), dict)):
-        raise SystemExit(f"report.py: {path} is not a benchmark results file (no 'benchmarks' list "
-                         f"and 'machine_info'); {hint}")
+    if not (
+        isinstance(data, dict)
+        and isinstance(data.get("benchmarks"), list)
+        and isinstance(data.get("machine_info"), dict)
+    ):
+        raise SystemExit(
+            f"report.py: {path} is not a benchmark results file (no 'benchmarks' list and 'machine_info'); {hint}"
+        )
     return data
 
 
@@ -83,6 +90,7 @@ def _ms(seconds: float) -> str:
 
 # ---- the ratio rows, one function per kind of suite ------------------------------------------
 
+
 def _case(entry: dict) -> str:
     """The case an entry measured, from its params other than impl (plus D and dtype if stored)."""
     params = {k: v for k, v in (entry.get("params") or {}).items() if k != "impl"}
@@ -104,10 +112,18 @@ def _pair_rows(entries: list[dict], module: str) -> list[dict]:
                 continue
             mine, theirs = impls[ours], impls[impl]
             mem = [e.get("extra_info", {}).get("peak_extra_bytes") for e in (mine, theirs)]
-            rows.append(dict(benchmark=what, case=case, ours="declip_fast", peer=peer_name,
-                             ours_value=_ms(_seconds(mine)), peer_value=_ms(_seconds(theirs)),
-                             time=_seconds(mine) / _seconds(theirs),
-                             memory=mem[0] / mem[1] if None not in mem and mem[1] > 0 else None))
+            rows.append(
+                dict(
+                    benchmark=what,
+                    case=case,
+                    ours="declip_fast",
+                    peer=peer_name,
+                    ours_value=_ms(_seconds(mine)),
+                    peer_value=_ms(_seconds(theirs)),
+                    time=_seconds(mine) / _seconds(theirs),
+                    memory=mem[0] / mem[1] if None not in mem and mem[1] > 0 else None,
+                )
+            )
     return rows
 
 
@@ -115,14 +131,26 @@ def _loader_rows(entries: list[dict]) -> list[dict]:
     """FFCV variants against the torch fallback, per augmentation setting (time per sample)."""
     rows = []
     for entry in entries:
-        rates = {tuple(key.removesuffix("_samples_per_s").rsplit("_", 1)): value
-                 for key, value in entry.get("extra_info", {}).items() if key.endswith("_samples_per_s")}
+        rates = {
+            tuple(key.removesuffix("_samples_per_s").rsplit("_", 1)): value
+            for key, value in entry.get("extra_info", {}).items()
+            if key.endswith("_samples_per_s")
+        }
         for (loader, setting), rate in rates.items():
             base = rates.get(("fallback", setting))
             if loader != "fallback" and base:
-                rows.append(dict(benchmark="loader, two views at 224 px", case=f"{setting} augmentation",
-                                 ours=loader, peer="torch fallback loader", ours_value=f"{rate:.0f} samples/s",
-                                 peer_value=f"{base:.0f} samples/s", time=base / rate, memory=None))
+                rows.append(
+                    dict(
+                        benchmark="loader, two views at 224 px",
+                        case=f"{setting} augmentation",
+                        ours=loader,
+                        peer="torch fallback loader",
+                        ours_value=f"{rate:.0f} samples/s",
+                        peer_value=f"{base:.0f} samples/s",
+                        time=base / rate,
+                        memory=None,
+                    )
+                )
     return rows
 
 
@@ -134,10 +162,19 @@ def _objective_rows(entries: list[dict], what: str = "training step, tiny preset
         clip, declip = steps.get((captions, "clip")), steps.get((captions, "released"))
         if clip and declip:
             interleaved = declip["extra_info"].get("interleaved_ratio")
-            rows.append(dict(benchmark=what, case=f"{captions} captions",
-                             ours="DeCLIP objective", peer="CLIP-only step", ours_value=_ms(_seconds(declip)),
-                             peer_value=_ms(_seconds(clip)), time=_seconds(declip) / _seconds(clip), memory=None,
-                             note=f"interleaved pairs: {interleaved:.2f}x" if interleaved else ""))
+            rows.append(
+                dict(
+                    benchmark=what,
+                    case=f"{captions} captions",
+                    ours="DeCLIP objective",
+                    peer="CLIP-only step",
+                    ours_value=_ms(_seconds(declip)),
+                    peer_value=_ms(_seconds(clip)),
+                    time=_seconds(declip) / _seconds(clip),
+                    memory=None,
+                    note=f"interleaved pairs: {interleaved:.2f}x" if interleaved else "",
+                )
+            )
     return rows
 
 
@@ -156,9 +193,18 @@ def _tokenizer_rows(entries: list[dict]) -> list[dict]:
     for cache in ("cold", "warm"):
         ours, theirs = (rates[i].get(f"captions_per_s_{cache}") for i in ("ours", "open_clip"))
         if ours and theirs:
-            rows.append(dict(benchmark="tokenizer", case=f"{cache} cache", ours="declip_fast",
-                             peer="OpenCLIP SimpleTokenizer", ours_value=f"{ours:,.0f} captions/s",
-                             peer_value=f"{theirs:,.0f} captions/s", time=theirs / ours, memory=None))
+            rows.append(
+                dict(
+                    benchmark="tokenizer",
+                    case=f"{cache} cache",
+                    ours="declip_fast",
+                    peer="OpenCLIP SimpleTokenizer",
+                    ours_value=f"{ours:,.0f} captions/s",
+                    peer_value=f"{theirs:,.0f} captions/s",
+                    time=theirs / ours,
+                    memory=None,
+                )
+            )
     return rows
 
 
@@ -167,8 +213,12 @@ def ratio_rows(data: dict) -> list[dict]:
     by_module: dict[str, list[dict]] = {}
     for entry in data["benchmarks"]:
         by_module.setdefault(_module(entry), []).append(entry)
-    special = {"bench_loader": _loader_rows, "bench_objective": _objective_rows, "bench_tokenizer": _tokenizer_rows,
-               "bench_train_step": _train_step_rows}
+    special = {
+        "bench_loader": _loader_rows,
+        "bench_objective": _objective_rows,
+        "bench_tokenizer": _tokenizer_rows,
+        "bench_train_step": _train_step_rows,
+    }
     rows = []
     for module, entries in by_module.items():
         if module in PEERS:
@@ -180,21 +230,37 @@ def ratio_rows(data: dict) -> list[dict]:
 
 # ---- markdown ---------------------------------------------------------------------------------
 
+
 def _md_table(rows: list[dict]) -> list[str]:
     cols = list(dict.fromkeys(k for row in rows for k in row))
     cell = lambda v: str(v).replace("|", "\\|")
-    return (["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-            + ["| " + " | ".join(cell(row.get(c, "")) for c in cols) + " |" for row in rows])
+    return ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + [
+        "| " + " | ".join(cell(row.get(c, "")) for c in cols) + " |" for row in rows
+    ]
 
 
 def ratio_markdown(data: dict) -> str:
     """The one table of ratios against the peers measured in the same run, with its heading."""
-    lines = [f"## Ratios against peers measured in the same run ({where(data)})", "",
-             "ours / peer: time (below 1: faster) and peak extra memory (below 1: leaner).", ""]
-    rows = [dict(benchmark=r["benchmark"], case=r["case"], ours=r["ours"], peer=r["peer"],
-                 ours_measured=r["ours_value"], peer_measured=r["peer_value"], time_ratio=_ratio(r["time"]),
-                 memory_ratio=_ratio(r["memory"], fraction=True), note=r.get("note", ""))
-            for r in ratio_rows(data)]
+    lines = [
+        f"## Ratios against peers measured in the same run ({where(data)})",
+        "",
+        "ours / peer: time (below 1: faster) and peak extra memory (below 1: leaner).",
+        "",
+    ]
+    rows = [
+        dict(
+            benchmark=r["benchmark"],
+            case=r["case"],
+            ours=r["ours"],
+            peer=r["peer"],
+            ours_measured=r["ours_value"],
+            peer_measured=r["peer_value"],
+            time_ratio=_ratio(r["time"]),
+            memory_ratio=_ratio(r["memory"], fraction=True),
+            note=r.get("note", ""),
+        )
+        for r in ratio_rows(data)
+    ]
     lines += _md_table(rows) if rows else ["(no benchmark with a peer ran)"]
     return "\n".join(lines) + "\n"
 
@@ -204,17 +270,22 @@ def markdown(data: dict, source: str) -> str:
     info = {k: "n/a" if v is None else v for k, v in data["machine_info"].items()}
     commit = data["machine_info"].get("git_commit") or "unknown"
     dirty = {True: " (uncommitted changes)", False: ""}.get(info.get("git_dirty"), " (tree state unknown)")
-    lines = [f"# Benchmarks: {where(data)}", "",
-             f"- commit: {commit}{dirty}",
-             f"- torch {info.get('torch')}, triton {info.get('triton')}, "
-             f"CUDA {info.get('cuda_runtime')} (torch build), "
-             f"driver {info.get('cuda_driver')}, Python {info.get('python', info.get('python_version'))}",
-             f"- CPU: {info.get('cpu_name')}, {info.get('cpu_count')} cores",
-             f"- source: {source}, {len(data['benchmarks'])} benchmark entries"]
+    lines = [
+        f"# Benchmarks: {where(data)}",
+        "",
+        f"- commit: {commit}{dirty}",
+        f"- torch {info.get('torch')}, triton {info.get('triton')}, "
+        f"CUDA {info.get('cuda_runtime')} (torch build), "
+        f"driver {info.get('cuda_driver')}, Python {info.get('python', info.get('python_version'))}",
+        f"- CPU: {info.get('cpu_name')}, {info.get('cpu_count')} cores",
+        f"- source: {source}, {len(data['benchmarks'])} benchmark entries",
+    ]
     peaks = data.get("peaks")
     if peaks:
-        lines.append(f"- device peaks: bf16 matmul {peaks.get('bf16_matmul_tflops', 0):.0f} TFLOP/s, "
-                     f"device copy {peaks.get('copy_gb_s', 0):.0f} GB/s (read + write)")
+        lines.append(
+            f"- device peaks: bf16 matmul {peaks.get('bf16_matmul_tflops', 0):.0f} TFLOP/s, "
+            f"device copy {peaks.get('copy_gb_s', 0):.0f} GB/s (read + write)"
+        )
     lines += ["", ratio_markdown(data)]
     for name, rows in data.get("tables", {}).items():
         lines += [f"## {name} ({where(data)})", "", *_md_table(rows), ""]
@@ -222,6 +293,7 @@ def markdown(data: dict, source: str) -> str:
 
 
 # ---- plots ------------------------------------------------------------------------------------
+
 
 def _loss_points(data: dict):
     """(series label, N, seconds, peak extra bytes) of every loss fwd+bwd measurement."""
@@ -276,9 +348,12 @@ def _plot(points: list[tuple], xlabel: str, what: str, where: str, path: Path) -
     for label, pts in series.items():
         impl, _, case = label.partition(" (")
         k = cases.index(case)
-        style = dict(color=f"C{impls.index(impl) % 10}", marker="os^Dvp*"[k % 7],
-                     linestyle=["-", "--", ":", "-."][k % 4],
-                     label=label)
+        style = dict(
+            color=f"C{impls.index(impl) % 10}",
+            marker="os^Dvp*"[k % 7],
+            linestyle=["-", "--", ":", "-."][k % 4],
+            label=label,
+        )
         ax_time.plot([p[0] for p in pts], [p[1] * 1e3 for p in pts], **style)
         mem = [(p[0], p[2] / 2**20) for p in pts if p[2] is not None]
         memory += [m for _, m in mem]
@@ -304,8 +379,10 @@ def write_report(path: Path, out_dir: Path | None = None) -> list[Path]:
     md = out_dir / f"{path.stem}.md"
     md.write_text(markdown(data, path.name))
     written = [md]
-    plots = [("loss", list(_loss_points(data)), "batch size N", "Contrastive loss forward + backward"),
-             ("lookup", list(_lookup_points(data)), "queue size M", "Top-1 nearest-neighbour lookup")]
+    plots = [
+        ("loss", list(_loss_points(data)), "batch size N", "Contrastive loss forward + backward"),
+        ("lookup", list(_lookup_points(data)), "queue size M", "Top-1 nearest-neighbour lookup"),
+    ]
     for name, points, xlabel, what in plots:
         if not points:
             print(f"no {name} measurements in {path.name}: no {name} plot")

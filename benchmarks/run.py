@@ -43,8 +43,15 @@ def run_suite(pytest_args: list[str], json_path: Path) -> tuple[int, bool]:
     given = any((REPO / arg.split("::")[0]).exists() for arg in pytest_args if not arg.startswith("-"))
     partial = json_path.with_suffix(".partial")
     partial.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "pytest", *([] if given else ["benchmarks"]), *PYTEST_ARGS,
-           f"--benchmark-json={partial}", *pytest_args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        *([] if given else ["benchmarks"]),
+        *PYTEST_ARGS,
+        f"--benchmark-json={partial}",
+        *pytest_args,
+    ]
     code = subprocess.run(cmd, cwd=REPO).returncode
     if not partial.exists():  # pytest-benchmark writes nothing when no benchmark ran
         return code, False
@@ -67,8 +74,11 @@ def merge(paths: list[Path], peaks: Path | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
-                                     epilog="Other arguments go to pytest, e.g. `-k masking` or a bench file.")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        allow_abbrev=False,
+        epilog="Other arguments go to pytest, e.g. `-k masking` or a bench file.",
+    )
     parser.add_argument("--json", type=Path, help="the results file to write")
     parser.add_argument("--merge", nargs="+", type=Path, metavar="RESULTS", help="merge these instead of running")
     parser.add_argument("--peaks", type=Path, help="with --merge: device_peaks.py's JSON to attach")

@@ -145,29 +145,85 @@ def contrastive_specs(n: int, d: int, dtype: str, specialized: bool = True) -> l
     mod = importlib.import_module("declip_fast.kernels.contrastive")
     t = _T[dtype]
     specs = []
-    fwd_types = dict(a_ptr=t, b_ptr=t, scale_ptr="*fp32", row_m_ptr="*fp32", row_l_ptr="*fp32",
-                     col_m_ptr="*fp32", col_l_ptr="*fp32", pos_ptr="*fp32", M="i32", N="i32",
-                     D="i32", offset="i32", M_BUCKET="i32", N_BUCKET="i32", stride_am="i32",
-                     stride_ad="i32", stride_bn="i32", stride_bd="i32")
-    fwd_values = dict(M=n, N=n, D=d, offset=0, M_BUCKET=_bucket(n), N_BUCKET=_bucket(n),
-                      stride_am=d, stride_ad=1, stride_bn=d, stride_bd=1)
+    fwd_types = dict(
+        a_ptr=t,
+        b_ptr=t,
+        scale_ptr="*fp32",
+        row_m_ptr="*fp32",
+        row_l_ptr="*fp32",
+        col_m_ptr="*fp32",
+        col_l_ptr="*fp32",
+        pos_ptr="*fp32",
+        M="i32",
+        N="i32",
+        D="i32",
+        offset="i32",
+        M_BUCKET="i32",
+        N_BUCKET="i32",
+        stride_am="i32",
+        stride_ad="i32",
+        stride_bn="i32",
+        stride_bd="i32",
+    )
+    fwd_values = dict(
+        M=n,
+        N=n,
+        D=d,
+        offset=0,
+        M_BUCKET=_bucket(n),
+        N_BUCKET=_bucket(n),
+        stride_am=d,
+        stride_ad=1,
+        stride_bn=d,
+        stride_bd=1,
+    )
     for meta, opts in mod.HOPPER_FWD[_input_class(dtype)]:
         consts = dict(SYMMETRIC=True, PRECISION=_precision(dtype), **meta)
         spec = _spec(mod.__name__, "_fwd_kernel", fwd_types, fwd_values, consts, opts, specialized)
         specs.append(dict(spec, config=meta))
-    bwd_types = dict(p_ptr=t, q_ptr=t, scale_ptr="*fp32", mult_ptr="*fp32", own_m_ptr="*fp32",
-                     own_l_ptr="*fp32", oth_m_ptr="*fp32", oth_l_ptr="*fp32", out_ptr=t,
-                     ds_ptr="*fp32", P="i32", Q="i32", D="i32", shift="i32", P_BUCKET="i32",
-                     Q_BUCKET="i32", w_own="fp32", w_other="fp32", stride_pp="i32",
-                     stride_pd="i32", stride_qq="i32", stride_qd="i32", stride_out_split="i32")
-    bwd_values = dict(P=n, Q=n, D=d, shift=0, P_BUCKET=_bucket(n), Q_BUCKET=_bucket(n),
-                      stride_pp=d, stride_pd=1, stride_qq=d, stride_qd=1, stride_out_split=0)
+    bwd_types = dict(
+        p_ptr=t,
+        q_ptr=t,
+        scale_ptr="*fp32",
+        mult_ptr="*fp32",
+        own_m_ptr="*fp32",
+        own_l_ptr="*fp32",
+        oth_m_ptr="*fp32",
+        oth_l_ptr="*fp32",
+        out_ptr=t,
+        ds_ptr="*fp32",
+        P="i32",
+        Q="i32",
+        D="i32",
+        shift="i32",
+        P_BUCKET="i32",
+        Q_BUCKET="i32",
+        w_own="fp32",
+        w_other="fp32",
+        stride_pp="i32",
+        stride_pd="i32",
+        stride_qq="i32",
+        stride_qd="i32",
+        stride_out_split="i32",
+    )
+    bwd_values = dict(
+        P=n,
+        Q=n,
+        D=d,
+        shift=0,
+        P_BUCKET=_bucket(n),
+        Q_BUCKET=_bucket(n),
+        stride_pp=d,
+        stride_pd=1,
+        stride_qq=d,
+        stride_qd=1,
+        stride_out_split=0,
+    )
     for meta, opts in mod.HOPPER_BWD[_input_class(dtype)]:
         if d % 16 and meta not in mod.ANY_D_BWD:
             continue  # the launcher drops it for such D (contrastive._narrow_chunk)
         meta = dict(meta, BD=min(meta["BD"], max(16, 1 << (d - 1).bit_length())))
-        consts = dict(OWN_STATS=True, OTHER_STATS=True, WANT_DS=True,
-                      PRECISION=_precision(dtype), **meta)
+        consts = dict(OWN_STATS=True, OTHER_STATS=True, WANT_DS=True, PRECISION=_precision(dtype), **meta)
         spec = _spec(mod.__name__, "_bwd_kernel", bwd_types, bwd_values, consts, opts, specialized)
         specs.append(dict(spec, config=meta))
     return specs
@@ -180,11 +236,24 @@ def lookup_specs(b: int, m: int, d: int, dtype: str, specialized: bool = True) -
 
     mod = importlib.import_module("declip_fast.kernels.nn_lookup")
     t = _T[dtype]
-    types = dict(q_ptr=t, k_ptr=t, score_ptr="*fp32", index_ptr="*i64", B="i32", M="i32",
-                 D="i32", B_BUCKET="i32", M_BUCKET="i32", stride_qb="i32", stride_qd="i32",
-                 stride_km="i32", stride_kd="i32")
-    values = dict(B=b, M=m, D=d, B_BUCKET=_bucket(b), M_BUCKET=_bucket(m), stride_qb=d,
-                  stride_qd=1, stride_km=d, stride_kd=1)
+    types = dict(
+        q_ptr=t,
+        k_ptr=t,
+        score_ptr="*fp32",
+        index_ptr="*i64",
+        B="i32",
+        M="i32",
+        D="i32",
+        B_BUCKET="i32",
+        M_BUCKET="i32",
+        stride_qb="i32",
+        stride_qd="i32",
+        stride_km="i32",
+        stride_kd="i32",
+    )
+    values = dict(
+        B=b, M=m, D=d, B_BUCKET=_bucket(b), M_BUCKET=_bucket(m), stride_qb=d, stride_qd=1, stride_km=d, stride_kd=1
+    )
     specs = []
     for meta, opts in mod.HOPPER[_input_class(dtype)]:
         consts = dict(PRECISION=_precision(dtype), **meta)

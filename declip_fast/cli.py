@@ -20,18 +20,22 @@ def _positive(text: str) -> int:
 
 
 def _add_write_dataset(sub) -> None:
-    p = sub.add_parser("write-dataset", help="image-text pairs (CSV/TSV, folder, tar shards) -> FFCV .beton",
-                       description="Write image-text pairs to an FFCV .beton (fields: image, tokens, "
-                       "eda_tokens, index); with --demo, build the Fashion-MNIST demo train/test files.")
-    p.add_argument("source", nargs="?",
-                   help="CSV/TSV of (image, caption), folder of images + .txt, or .tar shard(s)")
+    p = sub.add_parser(
+        "write-dataset",
+        help="image-text pairs (CSV/TSV, folder, tar shards) -> FFCV .beton",
+        description="Write image-text pairs to an FFCV .beton (fields: image, tokens, "
+        "eda_tokens, index); with --demo, build the Fashion-MNIST demo train/test files.",
+    )
+    p.add_argument("source", nargs="?", help="CSV/TSV of (image, caption), folder of images + .txt, or .tar shard(s)")
     p.add_argument("out", nargs="?", help="output .beton")
     p.add_argument("--demo", metavar="OUT_DIR", help="build the demo data set (train/test .beton, classes.json)")
-    p.add_argument("--max-side", type=_positive,
-                   help=f"longest stored image side (default 384; {DEMO_IMAGE_SIZE} with --demo)")
+    p.add_argument(
+        "--max-side", type=_positive, help=f"longest stored image side (default 384; {DEMO_IMAGE_SIZE} with --demo)"
+    )
     p.add_argument("--workers", type=int, default=0, help="worker processes (default: all cores; 1: none)")
-    p.add_argument("--summary-json", metavar="PATH",
-                   help="also write the summary (written, skipped, skips, pairs_per_s) as JSON")
+    p.add_argument(
+        "--summary-json", metavar="PATH", help="also write the summary (written, skipped, skips, pairs_per_s) as JSON"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output (--demo: rebuild)")
     p.add_argument("--limit", type=_positive, help="write at most this many pairs")
     p.add_argument("--train-size", type=_positive, default=10_000, help="--demo: training pairs (default 10000)")
@@ -39,8 +43,10 @@ def _add_write_dataset(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the EDA variants (and of the demo subsets)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_write_dataset)
-    p.epilog = ("Exit status: 0 written (skipped pairs are counted in the summary); 1 nothing could be "
-                "written; 2 a source, output or machine problem, reported in one line.")
+    p.epilog = (
+        "Exit status: 0 written (skipped pairs are counted in the summary); 1 nothing could be "
+        "written; 2 a source, output or machine problem, reported in one line."
+    )
 
 
 def _write_dataset(args, parser) -> int:
@@ -52,8 +58,14 @@ def _write_dataset(args, parser) -> int:
         return _write_demo(args)
     if not (args.source and args.out):
         parser.error("write-dataset: give SOURCE OUT (or --demo OUT_DIR)")
-    config = WriteConfig(max_side=args.max_side or 384, workers=args.workers, limit=args.limit,
-                         overwrite=args.overwrite, seed=args.seed, progress=not args.quiet)
+    config = WriteConfig(
+        max_side=args.max_side or 384,
+        workers=args.workers,
+        limit=args.limit,
+        overwrite=args.overwrite,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
     # Exit status as for train: 2 a source, file or machine problem (one line), 1 nothing
     # could be written (every pair skipped; the summary says why), 0 written.
     try:
@@ -74,9 +86,16 @@ def _write_dataset(args, parser) -> int:
 def _write_demo(args) -> int:
     from declip_fast.data.demo import ensure_demo_data
 
-    paths = ensure_demo_data(args.demo, train_size=args.train_size, test_size=args.test_size,
-                             image_size=args.max_side or DEMO_IMAGE_SIZE, seed=args.seed,
-                             workers=args.workers, progress=not args.quiet, rebuild=args.overwrite)
+    paths = ensure_demo_data(
+        args.demo,
+        train_size=args.train_size,
+        test_size=args.test_size,
+        image_size=args.max_side or DEMO_IMAGE_SIZE,
+        seed=args.seed,
+        workers=args.workers,
+        progress=not args.quiet,
+        rebuild=args.overwrite,
+    )
     for split, summary in paths.summaries.items():
         print(f"{split}:\n{summary.format()}")
     if not paths.summaries:
@@ -96,23 +115,34 @@ def _save_json(data, path: str) -> None:
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="pretrain a model from a YAML preset (configs/) with overrides",
-                       description="Train from a config preset (a name in configs/ or a YAML path) with "
-                       "dotted key=value overrides, e.g. `declip-fast train demo steps=50 optim.lr=3e-4`. "
-                       "Under torchrun every rank runs this command.")
+    p = sub.add_parser(
+        "train",
+        help="pretrain a model from a YAML preset (configs/) with overrides",
+        description="Train from a config preset (a name in configs/ or a YAML path) with "
+        "dotted key=value overrides, e.g. `declip-fast train demo steps=50 optim.lr=3e-4`. "
+        "Under torchrun every rank runs this command.",
+    )
     p.add_argument("config", nargs="?", default="demo", help="preset name or YAML file (default: demo)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the config")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--allow-config-change", action="append", default=[], metavar="KEY",
-                   help="resume even though KEY differs from the checkpoint's config (repeatable; 'all' "
-                   "for any). Checked keys: model, loss terms and queue, data.batch_size / image_size / "
-                   "beton / source / fraction, world_size; without this flag such a resume is "
-                   "refused, naming the keys. Also the config key allow_config_change=[...]")
-    p.add_argument("--debug", action="store_true",
-                   help="show the traceback of an error instead of its one-line message")
+    p.add_argument(
+        "--allow-config-change",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="resume even though KEY differs from the checkpoint's config (repeatable; 'all' "
+        "for any). Checked keys: model, loss terms and queue, data.batch_size / image_size / "
+        "beton / source / fraction, world_size; without this flag such a resume is "
+        "refused, naming the keys. Also the config key allow_config_change=[...]",
+    )
+    p.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error instead of its one-line message"
+    )
     p.set_defaults(func=_train)
-    p.epilog = ("Exit status: 0 done or preempted (SIGTERM); 1 the run failed (diverged, or most steps "
-                "skipped); 2 a config, file or machine problem, reported in one line (--debug: traceback).")
+    p.epilog = (
+        "Exit status: 0 done or preempted (SIGTERM); 1 the run failed (diverged, or most steps "
+        "skipped); 2 a config, file or machine problem, reported in one line (--debug: traceback)."
+    )
 
 
 def _fail(err: BaseException, debug: bool, status: int) -> int:
@@ -195,8 +225,11 @@ def bench(argv: list[str]) -> int:
 
     root = _checkout()
     if root is None:
-        print("error: declip-fast bench runs the benchmarks of a source checkout: no benchmarks/run.py "
-              "here or next to the installed package; run it from the repository root", file=sys.stderr)
+        print(
+            "error: declip-fast bench runs the benchmarks of a source checkout: no benchmarks/run.py "
+            "here or next to the installed package; run it from the repository root",
+            file=sys.stderr,
+        )
         return 2
     code = subprocess.run([sys.executable, "-m", "benchmarks.run", *argv], cwd=root).returncode
     if code == 0 and not {"-h", "--help"} & set(argv):
@@ -217,8 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     # Only listed here: main() hands everything after `bench` to the benchmark runner untouched.
-    sub.add_parser("bench", help="run the benchmarks of the source checkout, as `make bench` "
-                   "(arguments go to benchmarks/run.py)")
+    sub.add_parser(
+        "bench", help="run the benchmarks of the source checkout, as `make bench` (arguments go to benchmarks/run.py)"
+    )
     return parser
 
 

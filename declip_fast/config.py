@@ -35,8 +35,9 @@ def from_dict(cls, values: dict, prefix: str = ""):
     _check_mapping(values, prefix)
     fields = _fields(cls, values, prefix)
     hints = typing.get_type_hints(cls)
-    kwargs = {name: _value(hints[name], value, prefix + name, None) for name, value in values.items()
-              if fields[name].init}
+    kwargs = {
+        name: _value(hints[name], value, prefix + name, None) for name, value in values.items() if fields[name].init
+    }
     return _construct(cls, kwargs, prefix)
 
 
@@ -59,12 +60,14 @@ def merge(instance, values: dict, prefix: str = ""):
 
 def to_dict(config) -> dict:
     """Plain nested dict (tuples as lists), loadable again by :func:`from_dict`."""
+
     def plain(v):
         if isinstance(v, dict):
             return {k: plain(x) for k, x in v.items()}
         if isinstance(v, (list, tuple)):
             return [plain(x) for x in v]
         return v
+
     return plain(dataclasses.asdict(config))
 
 
@@ -86,7 +89,7 @@ def apply_override(values: dict, text: str, cls=None) -> None:
         elif isinstance(child, str) and kind is not None and hasattr(kind, "from_name"):
             child = node[part] = dataclasses.asdict(_named(kind, child, ".".join(parts[: i + 1])))
         if not isinstance(child, dict):
-            raise ConfigKeyError(f"override {text!r}: {'.'.join(parts[:i + 1])} is not a section")
+            raise ConfigKeyError(f"override {text!r}: {'.'.join(parts[: i + 1])} is not a section")
         node = child
     node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
 
@@ -107,6 +110,7 @@ def dump_yaml(config) -> str:
 
 # ----------------------------------------------------------------------------------- internals
 
+
 def _check_mapping(values, prefix: str) -> None:
     if not isinstance(values, dict):
         raise ConfigKeyError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {values!r}")
@@ -116,8 +120,10 @@ def _fields(cls, values: dict, prefix: str) -> dict:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ConfigKeyError(f"unknown config key(s): {', '.join(prefix + str(k) for k in unknown)} "
-                             f"(known at this level: {', '.join(sorted(fields))})")
+        raise ConfigKeyError(
+            f"unknown config key(s): {', '.join(prefix + str(k) for k in unknown)} "
+            f"(known at this level: {', '.join(sorted(fields))})"
+        )
     return fields
 
 

@@ -66,8 +66,17 @@ def resolve_impl(impl: str, tensor, kernel: str = "contrastive") -> str:
     return impl
 
 
-def clip_loss(image, text, logit_scale, *, mode: str = "symmetric", offset: int = 0, group=None,
-              out_dtype=None, impl: str = "auto"):
+def clip_loss(
+    image,
+    text,
+    logit_scale,
+    *,
+    mode: str = "symmetric",
+    offset: int = 0,
+    group=None,
+    out_dtype=None,
+    impl: str = "auto",
+):
     """The contrastive loss over ``s * image @ text.T`` (``s`` = ``logit_scale``, a 0-d tensor).
 
     ``mode``:
@@ -108,8 +117,9 @@ def nearest(queries, bank, valid: int | None = None, *, impl: str = "auto"):
     return reference.nn_lookup(queries, bank, valid)
 
 
-def linear_cross_entropy(x, weight, bias, targets, ignore_index: int = -100, reduction: str = "mean",
-                         tile=None, *, impl: str = "auto"):
+def linear_cross_entropy(
+    x, weight, bias, targets, ignore_index: int = -100, reduction: str = "mean", tile=None, *, impl: str = "auto"
+):
     """``F.cross_entropy(F.linear(x, weight, bias), targets, ignore_index=..., reduction=...)``
     without storing the ``[K, V]`` logits: ``x [K, D]``, ``weight [V, D]``, ``bias [V]`` or None,
     ``targets [K]``; ``ignore_index`` is ``linear_ce.IGNORE_INDEX`` (-100) by default;

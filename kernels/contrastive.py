@@ -33,15 +33,39 @@ import torch
 import triton
 from torch.autograd.function import once_differentiable
 
-from declip_fast.kernels.configs import (ANY_D_BWD, CONTRASTIVE_BWD as HOPPER_BWD,  # noqa: F401
-                                         CONTRASTIVE_FWD as HOPPER_FWD, INTERPRETER_BWD,
-                                         INTERPRETER_FWD)
-from declip_fast.kernels.contrastive_jit import (BWD_CONFIGS, BWD_KEY, BWD_PRUNE, DX_SCALE,  # noqa: F401
-                                                 FWD_CONFIGS, FWD_KEY, FWD_PRUNE, _block,
-                                                 _bwd_kernel, _fwd_kernel, _logits_tile, _merge,
-                                                 _narrow_chunk, _span)
-from declip_fast.kernels.tuning import (bucket, concurrent_programs, dot_precision, interpreting,  # noqa: F401
-                                        launch_device, plan_rectangles, plan_splits, tuning)
+from declip_fast.kernels.configs import (
+    ANY_D_BWD,  # noqa: F401
+    CONTRASTIVE_BWD as HOPPER_BWD,  # noqa: F401
+    CONTRASTIVE_FWD as HOPPER_FWD,  # noqa: F401
+    INTERPRETER_BWD,  # noqa: F401
+    INTERPRETER_FWD,  # noqa: F401
+)
+from declip_fast.kernels.contrastive_jit import (
+    BWD_CONFIGS,  # noqa: F401
+    BWD_KEY,  # noqa: F401
+    BWD_PRUNE,  # noqa: F401
+    DX_SCALE,  # noqa: F401
+    FWD_CONFIGS,  # noqa: F401
+    FWD_KEY,  # noqa: F401
+    FWD_PRUNE,  # noqa: F401
+    _block,  # noqa: F401
+    _bwd_kernel,
+    _fwd_kernel,
+    _logits_tile,  # noqa: F401
+    _merge,  # noqa: F401
+    _narrow_chunk,  # noqa: F401
+    _span,  # noqa: F401
+)
+from declip_fast.kernels.tuning import (
+    bucket,
+    concurrent_programs,
+    dot_precision,
+    interpreting,  # noqa: F401
+    launch_device,
+    plan_rectangles,
+    plan_splits,
+    tuning,  # noqa: F401
+)
 
 LN2 = 0.6931471805599453
 
@@ -97,8 +121,7 @@ def forward_stats(a, b, scale, offset: int, symmetric: bool):
     a, b = _unit_stride(a), _unit_stride(b)
     m, n, d = a.shape[0], b.shape[0], a.shape[1]
     slots = concurrent_programs(a.device)
-    p_r, p_c = plan_rectangles(triton.cdiv(m, PLAN_TILE), triton.cdiv(n, PLAN_TILE), slots,
-                               MAX_PROGRAMS_PER_AXIS)
+    p_r, p_c = plan_rectangles(triton.cdiv(m, PLAN_TILE), triton.cdiv(n, PLAN_TILE), slots, MAX_PROGRAMS_PER_AXIS)
     f32 = dict(dtype=torch.float32, device=a.device)
     # Every slot is written by its program (no rectangle is empty): no initialisation needed.
     row_m, row_l = torch.empty((2, p_c, m), **f32)
@@ -107,10 +130,26 @@ def forward_stats(a, b, scale, offset: int, symmetric: bool):
     scale32 = scale.detach().reshape(1).to(torch.float32)
     with launch_device(a.device):
         _fwd_kernel[(p_r, p_c)](
-            a, b, scale32, row_m, row_l, col_m, col_l, pos,
-            m, n, d, offset, bucket(m), bucket(n),
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-            SYMMETRIC=symmetric, PRECISION=dot_precision(a.dtype),
+            a,
+            b,
+            scale32,
+            row_m,
+            row_l,
+            col_m,
+            col_l,
+            pos,
+            m,
+            n,
+            d,
+            offset,
+            bucket(m),
+            bucket(n),
+            a.stride(0),
+            a.stride(1),
+            b.stride(0),
+            b.stride(1),
+            SYMMETRIC=symmetric,
+            PRECISION=dot_precision(a.dtype),
         )
     row = _fold(row_m, row_l)
     col = _fold(col_m, col_l) if symmetric else None
@@ -126,8 +165,7 @@ def _owner_pass(p, q, scale32, mult, own, other, shift, w_own, w_other, want_ds)
     splits = plan_splits(triton.cdiv(n_p, PLAN_TILE), triton.cdiv(n_q, PLAN_TILE), slots, MAX_SPLITS)
     splits = max(1, min(splits, SPLIT_WORKSPACE_BYTES // (4 * n_p * d)))
     f32 = dict(dtype=torch.float32, device=p.device)
-    out = torch.empty((n_p, d), dtype=p.dtype, device=p.device) if splits == 1 else \
-        torch.empty((splits, n_p, d), **f32)
+    out = torch.empty((n_p, d), dtype=p.dtype, device=p.device) if splits == 1 else torch.empty((splits, n_p, d), **f32)
     # One d-scale slot per (range, owner block of the smallest BP); unused slots stay zero.
     ds = torch.zeros((splits * triton.cdiv(n_p, 16),), **f32) if want_ds else mult
     unused = (own or other)[0]  # a valid pointer for the statistics a pass does not read
@@ -136,10 +174,32 @@ def _owner_pass(p, q, scale32, mult, own, other, shift, w_own, w_other, want_ds)
     grid = lambda meta: (triton.cdiv(n_p, meta["BP"]), triton.cdiv(d, meta["BD"]), splits)
     with launch_device(p.device):
         _bwd_kernel[grid](
-            p, q, scale32, mult, own_m, own_l, oth_m, oth_l, out, ds,
-            n_p, n_q, d, shift, bucket(n_p), bucket(n_q), w_own, w_other,
-            p.stride(0), p.stride(1), q.stride(0), q.stride(1), n_p * d if splits > 1 else 0,
-            OWN_STATS=own is not None, OTHER_STATS=other is not None, WANT_DS=want_ds,
+            p,
+            q,
+            scale32,
+            mult,
+            own_m,
+            own_l,
+            oth_m,
+            oth_l,
+            out,
+            ds,
+            n_p,
+            n_q,
+            d,
+            shift,
+            bucket(n_p),
+            bucket(n_q),
+            w_own,
+            w_other,
+            p.stride(0),
+            p.stride(1),
+            q.stride(0),
+            q.stride(1),
+            n_p * d if splits > 1 else 0,
+            OWN_STATS=own is not None,
+            OTHER_STATS=other is not None,
+            WANT_DS=want_ds,
             PRECISION=dot_precision(p.dtype),
         )
     grad = out if splits == 1 else out.sum(dim=0).to(p.dtype)
@@ -157,8 +217,7 @@ def backward_grads(a, b, scale, row, col, offset: int, weights, want_db: bool, g
     da, ds = _owner_pass(a, b, scale32, mult, row, col, offset, w_row / w_pos, w_col / w_pos, True)
     db = None
     if want_db:
-        db, _ = _owner_pass(b, a, scale32, mult, col, row, -offset, w_col / w_pos,
-                            w_row / w_pos, False)
+        db, _ = _owner_pass(b, a, scale32, mult, col, row, -offset, w_col / w_pos, w_row / w_pos, False)
     return da, db, ds
 
 
@@ -217,8 +276,7 @@ class _FusedContrastive(torch.autograd.Function):
         want_db = ctx.needs_input_grad[1]
         col = (col_m, col_l) if col_m is not None else None
         with torch.autocast(a.device.type, enabled=False):
-            da, db, ds = backward_grads(a, b, scale, (row_m, row_l), col, ctx.offset, ctx.weights,
-                                        want_db, grad_loss)
+            da, db, ds = backward_grads(a, b, scale, (row_m, row_l), col, ctx.offset, ctx.weights, want_db, grad_loss)
         dscale = ds.to(scale.dtype).reshape(scale.shape) if ctx.needs_input_grad[2] else None
         return da, db, dscale, None, None, None, None
 
@@ -228,8 +286,7 @@ class _FusedContrastive(torch.autograd.Function):
 
 def clip_loss(image_features, text_features, logit_scale, *, out_dtype=None):
     """Symmetric CLIP loss, labels on the diagonal: both directions from one pass of tiles."""
-    return _FusedContrastive.apply(image_features, text_features, logit_scale, 0, "symmetric",
-                                   None, out_dtype)
+    return _FusedContrastive.apply(image_features, text_features, logit_scale, 0, "symmetric", None, out_dtype)
 
 
 def clip_loss_rows(queries, keys, logit_scale, offset: int, *, out_dtype=None):
@@ -238,8 +295,7 @@ def clip_loss_rows(queries, keys, logit_scale, offset: int, *, out_dtype=None):
     return _FusedContrastive.apply(queries, keys, logit_scale, offset, "rows", None, out_dtype)
 
 
-def clip_loss_gathered(local_image, all_text, logit_scale, offset: int, group=None, *,
-                       out_dtype=None):
+def clip_loss_gathered(local_image, all_text, logit_scale, offset: int, group=None, *, out_dtype=None):
     """This rank's share of the global-batch CLIP loss: its rows, every rank's columns.
 
     ``all_text`` must be gathered with gradient (its backward sums the column gradients into
@@ -247,5 +303,4 @@ def clip_loss_gathered(local_image, all_text, logit_scale, offset: int, group=No
     gradients, averaged over ranks, are those of the single-process loss over the global batch.
     Each logit of the global matrix is computed once in the whole job.
     """
-    return _FusedContrastive.apply(local_image, all_text, logit_scale, offset, "gathered", group,
-                                   out_dtype)
+    return _FusedContrastive.apply(local_image, all_text, logit_scale, offset, "gathered", group, out_dtype)

@@ -31,9 +31,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from declip_fast.kernels.configs import (ANY_D_BWD, CONTRASTIVE_BWD as HOPPER_BWD,
-                                         CONTRASTIVE_FWD as HOPPER_FWD, INTERPRETER_BWD,
-                                         INTERPRETER_FWD)
+from declip_fast.kernels.configs import (
+    ANY_D_BWD,
+    CONTRASTIVE_BWD as HOPPER_BWD,
+    CONTRASTIVE_FWD as HOPPER_FWD,
+    INTERPRETER_BWD,
+    INTERPRETER_FWD,
+)
 from declip_fast.kernels.tuning import interpreting, tuning
 
 DX_SCALE = 16384.0  # 2^14: |dX| <= 1, so the scaled 16-bit copy stays below fp16's 65504
@@ -49,8 +53,7 @@ def _narrow_chunk(meta: dict, args: dict) -> dict | None:
 
 
 FWD_CONFIGS, FWD_PRUNE = tuning(INTERPRETER_FWD if interpreting() else HOPPER_FWD, "a_ptr")
-BWD_CONFIGS, BWD_PRUNE = tuning(INTERPRETER_BWD if interpreting() else HOPPER_BWD, "p_ptr",
-                                _narrow_chunk)
+BWD_CONFIGS, BWD_PRUNE = tuning(INTERPRETER_BWD if interpreting() else HOPPER_BWD, "p_ptr", _narrow_chunk)
 
 # The autotune key: the shapes that change the best tiling, and the dtype (via the pointer types).
 FWD_KEY = ["M_BUCKET", "N_BUCKET", "D", "SYMMETRIC"]
@@ -66,9 +69,24 @@ def _block(ptr, row0, rows, D, stride_r, stride_d, BR: tl.constexpr, BC: tl.cons
 
 
 @triton.jit
-def _logits_tile(a_ptr, b_ptr, row0, col0, M, N, D, stride_am, stride_ad, stride_bn, stride_bd,
-                 scale2, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                 PRECISION: tl.constexpr):
+def _logits_tile(
+    a_ptr,
+    b_ptr,
+    row0,
+    col0,
+    M,
+    N,
+    D,
+    stride_am,
+    stride_ad,
+    stride_bn,
+    stride_bd,
+    scale2,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """One BM x BN tile of s*log2(e) * a @ b.T in fp32; out-of-range entries are -inf."""
     a_blk = _block(a_ptr, row0, M, D, stride_am, stride_ad, BM, BK)
     b_blk = _block(b_ptr, col0, N, D, stride_bn, stride_bd, BN, BK)
@@ -104,14 +122,32 @@ def _span(pid, programs, blocks):
 @triton.jit
 def _fwd_kernel(
     # pointers
-    a_ptr, b_ptr, scale_ptr, row_m_ptr, row_l_ptr, col_m_ptr, col_l_ptr, pos_ptr,
+    a_ptr,
+    b_ptr,
+    scale_ptr,
+    row_m_ptr,
+    row_l_ptr,
+    col_m_ptr,
+    col_l_ptr,
+    pos_ptr,
     # shapes
-    M, N, D, offset, M_BUCKET, N_BUCKET,
+    M,
+    N,
+    D,
+    offset,
+    M_BUCKET,
+    N_BUCKET,
     # strides
-    stride_am, stride_ad, stride_bn, stride_bd,
+    stride_am,
+    stride_ad,
+    stride_bn,
+    stride_bd,
     # constexprs
-    SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -127,8 +163,24 @@ def _fwd_kernel(
         for cb in range(cb_start, cb_end):
             cols = cb * BN + tl.arange(0, BN)
             cmask = cols < N
-            x = _logits_tile(a_ptr, b_ptr, rb * BM, cb * BN, M, N, D, stride_am, stride_ad,
-                             stride_bn, stride_bd, scale2, BM, BN, BK, PRECISION)
+            x = _logits_tile(
+                a_ptr,
+                b_ptr,
+                rb * BM,
+                cb * BN,
+                M,
+                N,
+                D,
+                stride_am,
+                stride_ad,
+                stride_bn,
+                stride_bd,
+                scale2,
+                BM,
+                BN,
+                BK,
+                PRECISION,
+            )
             t_m = tl.max(x, axis=1)
             t_m_safe = tl.where(t_m == float("-inf"), 0.0, t_m)
             m_i, l_i = _merge(m_i, l_i, t_m, tl.sum(tl.exp2(x - t_m_safe[:, None]), axis=1))
@@ -163,16 +215,40 @@ def _fwd_kernel(
 @triton.jit
 def _bwd_kernel(
     # pointers: the owned side p [P, D], the other side q [Q, D], their base-2 statistics
-    p_ptr, q_ptr, scale_ptr, mult_ptr, own_m_ptr, own_l_ptr, oth_m_ptr, oth_l_ptr, out_ptr,
+    p_ptr,
+    q_ptr,
+    scale_ptr,
+    mult_ptr,
+    own_m_ptr,
+    own_l_ptr,
+    oth_m_ptr,
+    oth_l_ptr,
+    out_ptr,
     ds_ptr,
     # shapes and weights (relative to the positives' weight)
-    P, Q, D, shift, P_BUCKET, Q_BUCKET, w_own, w_other,
+    P,
+    Q,
+    D,
+    shift,
+    P_BUCKET,
+    Q_BUCKET,
+    w_own,
+    w_other,
     # strides (out is [S, P, D] partials, or the [P, D] gradient itself when S == 1)
-    stride_pp, stride_pd, stride_qq, stride_qd, stride_out_split,
+    stride_pp,
+    stride_pd,
+    stride_qq,
+    stride_qd,
+    stride_out_split,
     # constexprs
-    OWN_STATS: tl.constexpr, OTHER_STATS: tl.constexpr, WANT_DS: tl.constexpr,
+    OWN_STATS: tl.constexpr,
+    OTHER_STATS: tl.constexpr,
+    WANT_DS: tl.constexpr,
     PRECISION: tl.constexpr,
-    BP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
+    BP: tl.constexpr,
+    BQ: tl.constexpr,
+    BK: tl.constexpr,
+    BD: tl.constexpr,
 ):
     """Gradient of the owned side. Tile entries are logits X[i, j] seen from the owner: own
     index ``o`` and other index ``t``; the positive pairs are those with ``t - o == shift``
@@ -197,8 +273,24 @@ def _bwd_kernel(
     for qb in range(qb_start, qb_end):
         oth = qb * BQ + tl.arange(0, BQ)
         tmask = oth < Q
-        x = _logits_tile(p_ptr, q_ptr, pid_p * BP, qb * BQ, P, Q, D, stride_pp, stride_pd,
-                         stride_qq, stride_qd, scale2, BP, BQ, BK, PRECISION)
+        x = _logits_tile(
+            p_ptr,
+            q_ptr,
+            pid_p * BP,
+            qb * BQ,
+            P,
+            Q,
+            D,
+            stride_pp,
+            stride_pd,
+            stride_qq,
+            stride_qd,
+            scale2,
+            BP,
+            BQ,
+            BK,
+            PRECISION,
+        )
         dx = tl.zeros((BP, BQ), tl.float32)
         if OWN_STATS:
             dx += w_own * tl.exp2((x - o_m[:, None]) - o_l[:, None])
@@ -223,4 +315,3 @@ def _bwd_kernel(
         # d loss / d s = sum(dX * x) / (s * log2 e); one partial per (owner block, range).
         slot = pid_s * tl.num_programs(0) + pid_p
         tl.store(ds_ptr + slot, tl.sum(ds, axis=0) * (mult / scale2), mask=pid_d == 0)
-

@@ -80,8 +80,9 @@ def linear_cross_entropy(
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
     elif x.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
-        raise ValueError(f"dtypes differ: x {x.dtype}, weight {weight.dtype}, "
-                         f"bias {None if bias is None else bias.dtype}")
+        raise ValueError(
+            f"dtypes differ: x {x.dtype}, weight {weight.dtype}, bias {None if bias is None else bias.dtype}"
+        )
     tile = tuple(tile) if tile is not None else default_tile(x.device, weight.shape[0])
     if len(tile) != 2 or min(tile) < 1:
         raise ValueError(f"tile must be (rows, columns) >= 1, got {tile!r}")
@@ -92,8 +93,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, targets, ignore_index, mean, tile):
         with torch.autocast(x.device.type, enabled=False):
-            loss, grads = _forward(x, weight, bias, targets, ignore_index, mean, tile,
-                                   need=ctx.needs_input_grad[:3])
+            loss, grads = _forward(x, weight, bias, targets, ignore_index, mean, tile, need=ctx.needs_input_grad[:3])
         ctx.save_for_backward(*grads)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         return loss
@@ -141,9 +141,18 @@ def _forward(x, weight, bias, targets, ignore_index, mean, tile, need):
         buffer = torch.empty(rows, cols, device=x.device, dtype=acc)
         loss = torch.zeros((), device=x.device, dtype=acc)
         for start in my_starts:
-            loss += _row_block(x[start : start + rows], weight, bias, safe_targets[start : start + rows],
-                               row_scale[start : start + rows], buffer, need,
-                               None if grad_x is None else grad_x[start : start + rows], grad_w, grad_b)
+            loss += _row_block(
+                x[start : start + rows],
+                weight,
+                bias,
+                safe_targets[start : start + rows],
+                row_scale[start : start + rows],
+                buffer,
+                need,
+                None if grad_x is None else grad_x[start : start + rows],
+                grad_w,
+                grad_b,
+            )
         return loss, grad_w, grad_b
 
     results = cpu_threads.run_parts(run, parts)

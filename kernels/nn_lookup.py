@@ -30,8 +30,7 @@ import triton.language as tl
 from declip_fast.kernels.configs import LOOKUP as HOPPER  # noqa: F401 (tests and benchmarks read it here)
 from declip_fast.kernels.configs import LOOKUP_INTERPRETER as INTERPRETER
 from declip_fast.kernels.reference_lookup import check_lookup
-from declip_fast.kernels.tuning import (bucket, concurrent_programs, dot_precision, interpreting,
-                                        launch_device, tuning)
+from declip_fast.kernels.tuning import bucket, concurrent_programs, dot_precision, interpreting, launch_device, tuning
 
 # Programs per SM the split count aims for, and the most splits (partials cost S * B * 12 bytes).
 PROGRAMS_PER_SM = 4
@@ -49,13 +48,26 @@ TUNE_KEY = ["B_BUCKET", "M_BUCKET", "D"]
 @triton.jit
 def _lookup_kernel(
     # pointers
-    q_ptr, k_ptr, score_ptr, index_ptr,
+    q_ptr,
+    k_ptr,
+    score_ptr,
+    index_ptr,
     # shapes
-    B, M, D, B_BUCKET, M_BUCKET,
+    B,
+    M,
+    D,
+    B_BUCKET,
+    M_BUCKET,
     # strides
-    stride_qb, stride_qd, stride_km, stride_kd,
+    stride_qb,
+    stride_qd,
+    stride_km,
+    stride_kd,
     # constexprs
-    PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -68,10 +80,10 @@ def _lookup_kernel(
     best_i = tl.zeros((BM,), tl.int64)
     for cb in range(pid_s * per_split, tl.minimum((pid_s + 1) * per_split, n_blocks)):
         col0 = tl.cast(cb, tl.int64) * BN
-        q_blk = tl.make_block_ptr(q_base, (B - pid_q * BM, D), (stride_qb, stride_qd), (0, 0),
-                                  (BM, BK), (1, 0))
-        k_blk = tl.make_block_ptr(k_ptr + col0 * stride_km, (M - col0, D), (stride_km, stride_kd),
-                                  (0, 0), (BN, BK), (1, 0))
+        q_blk = tl.make_block_ptr(q_base, (B - pid_q * BM, D), (stride_qb, stride_qd), (0, 0), (BM, BK), (1, 0))
+        k_blk = tl.make_block_ptr(
+            k_ptr + col0 * stride_km, (M - col0, D), (stride_km, stride_kd), (0, 0), (BN, BK), (1, 0)
+        )
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for _ in range(0, tl.cdiv(D, BK)):
             q = tl.load(q_blk, boundary_check=(0, 1), padding_option="zero")
@@ -120,9 +132,19 @@ def nn_lookup(queries: torch.Tensor, bank: torch.Tensor, valid: int | None = Non
     grid = lambda meta: (triton.cdiv(b, meta["BM"]), splits)
     with launch_device(q.device):
         _lookup_kernel[grid](
-            q, k, scores, index,
-            b, m, d, bucket(b), bucket(m),
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            q,
+            k,
+            scores,
+            index,
+            b,
+            m,
+            d,
+            bucket(b),
+            bucket(m),
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
             PRECISION=dot_precision(q.dtype),
         )
     if splits == 1:

@@ -160,8 +160,7 @@ def _stats(q, k, scale, offset, cols_too, block, expect=False):
                 r_m, r_sums = _merge(r_m, r_sums, t_m, tile_sums(x, t_m, 1))
                 if cols_too:
                     t_m = x.amax(dim=0)
-                    merged_m, merged = _merge(c_m[c0:c1], [c[c0:c1] for c in c_sums], t_m,
-                                              tile_sums(x, t_m, 0))
+                    merged_m, merged = _merge(c_m[c0:c1], [c[c0:c1] for c in c_sums], t_m, tile_sums(x, t_m, 0))
                     c_m[c0:c1] = merged_m
                     for c, v in zip(c_sums, merged):
                         c[c0:c1] = v
@@ -176,9 +175,16 @@ def _stats(q, k, scale, offset, cols_too, block, expect=False):
     for other in parts[1:]:  # in worker order: the same bits every run
         col_m, col_sums = _merge(col_m, col_sums, *other)
     empty = row_m.new_empty(0)
-    return dict(row_m=row_m, row_s=row_sums[0], row_u=row_sums[1] if expect else empty, pos=pos,
-                col_m=col_m, col_s=col_sums[0], col_u=col_sums[1] if expect else None,
-                blocks=(row_block, col_block))
+    return dict(
+        row_m=row_m,
+        row_s=row_sums[0],
+        row_u=row_sums[1] if expect else empty,
+        pos=pos,
+        col_m=col_m,
+        col_s=col_sums[0],
+        col_u=col_sums[1] if expect else None,
+        blocks=(row_block, col_block),
+    )
 
 
 def _backward(ctx, grad_loss):
@@ -263,7 +269,6 @@ def clip_loss_rows(queries, keys, logit_scale, offset: int, block=None, *, out_d
     """
     _check(queries, keys, offset, out_dtype)
     return _TiledContrastive.apply(queries, keys, logit_scale, offset, False, block, out_dtype)
-
 
 
 def clip_loss_dense(image_features, text_features, logit_scale):

@@ -65,8 +65,7 @@ def _fold_across_ranks(col_m, col_s, col_u, group):
     return (m, *sums)
 
 
-def clip_loss_gathered(local_image, all_text, logit_scale, offset: int, group=None, block=None, *,
-                       out_dtype=None):
+def clip_loss_gathered(local_image, all_text, logit_scale, offset: int, group=None, block=None, *, out_dtype=None):
     """This rank's share of the global-batch CLIP loss: its B rows against all N gathered texts.
 
     The semantics of ``declip_fast.kernels.contrastive.clip_loss_gathered``: ``all_text`` is
@@ -82,5 +81,4 @@ def clip_loss_gathered(local_image, all_text, logit_scale, offset: int, group=No
     _check(local_image, all_text, offset, out_dtype)
     if local_image.shape[1] != all_text.shape[1]:
         raise ValueError(f"local_image has dim {local_image.shape[1]}, all_text {all_text.shape[1]}")
-    return _GatheredContrastive.apply(local_image, all_text, logit_scale, offset, group, block,
-                                      out_dtype)
+    return _GatheredContrastive.apply(local_image, all_text, logit_scale, offset, group, block, out_dtype)

@@ -54,8 +54,7 @@ def tuning(table: dict, pointer: str, adjust=None):
             key = (tuple(sorted(meta.items())), c.num_warps, c.num_stages, c.maxnreg)
             if key not in seen:
                 seen.add(key)
-                out.append(triton.Config(meta, num_warps=c.num_warps, num_stages=c.num_stages,
-                                         maxnreg=c.maxnreg))
+                out.append(triton.Config(meta, num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=c.maxnreg))
         return out
 
     return [c for v in by_class.values() for c in v], {"early_config_prune": prune}

@@ -133,8 +133,10 @@ def test_no_import_from_a_higher_layer():
         for line, target, text, _ in edges:
             theirs = LAYERS[package_of(target)]
             if theirs > mine:
-                bad.append(f"{_where(module, line, text)}  ({package_of(module)} is layer {mine}, "
-                           f"{package_of(target)} layer {theirs})")
+                bad.append(
+                    f"{_where(module, line, text)}  ({package_of(module)} is layer {mine}, "
+                    f"{package_of(target)} layer {theirs})"
+                )
     assert not bad, "imports from a higher layer:\n" + "\n".join(bad)
 
 
@@ -155,9 +157,17 @@ def test_no_two_way_dependency_within_a_layer():
 def _cycles() -> list[list[str]]:
     """Circles among the files of one package (Tarjan's strongly connected components).
     A package's ``__init__`` is left out: importing a submodule always runs it first."""
-    graph = {m: sorted({t for _, t, _, typing_only in EDGES[m]
-                        if not typing_only and package_of(t) == package_of(m) and not _is_package(t)})
-             for m in MODULES if not _is_package(m)}
+    graph = {
+        m: sorted(
+            {
+                t
+                for _, t, _, typing_only in EDGES[m]
+                if not typing_only and package_of(t) == package_of(m) and not _is_package(t)
+            }
+        )
+        for m in MODULES
+        if not _is_package(m)
+    }
     index, low, stack, on_stack, out = {}, {}, [], set(), []
 
     def visit(v):
@@ -191,7 +201,11 @@ def test_no_circle_of_file_imports():
     bad = []
     for component in _cycles():
         members = set(component)
-        lines = [_where(m, line, text) for m in component for line, t, text, typing_only in EDGES[m]
-                 if t in members and not typing_only]
+        lines = [
+            _where(m, line, text)
+            for m in component
+            for line, t, text, typing_only in EDGES[m]
+            if t in members and not typing_only
+        ]
         bad.append(" <-> ".join(component) + ":\n  " + "\n  ".join(lines))
     assert not bad, "files that import each other in a circle:\n" + "\n".join(bad)

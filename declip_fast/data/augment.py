@@ -107,8 +107,9 @@ def hue_matrices(turns: torch.Tensor) -> torch.Tensor:
     return yiq_inv @ rot @ yiq
 
 
-def colour_transform(channel_means: torch.Tensor, jitter: torch.Tensor, gray: torch.Tensor,
-                     generator, config: AugmentConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def colour_transform(
+    channel_means: torch.Tensor, jitter: torch.Tensor, gray: torch.Tensor, generator, config: AugmentConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample (matrix [B, 3, 3], offset [B, 3, 1]) mapping RGB in [0, 1] to jittered and
     possibly grayscale RGB (before normalization); identity where neither applies.
     ``channel_means`` [B, 3]: the mean of each channel of each image, in [0, 1]."""
@@ -157,8 +158,9 @@ def gaussian_blur(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     return flat.view(b, c, h, w)
 
 
-def augment(images: torch.Tensor, generator: torch.Generator | None = None,
-            config: AugmentConfig = AugmentConfig()) -> torch.Tensor:
+def augment(
+    images: torch.Tensor, generator: torch.Generator | None = None, config: AugmentConfig = AugmentConfig()
+) -> torch.Tensor:
     """MoCo-v2 colour augmentations + ImageNet normalization of a batch, on its own device.
 
     ``images``: uint8 [B, 3, H, W] (0..255) or floating point in [0, 1]; never modified (loader

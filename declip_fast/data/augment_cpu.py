@@ -118,8 +118,12 @@ def _kernels():
 
 def available(images) -> bool:
     """Whether this module handles ``images`` (a CPU tensor of uint8 or float32, numba present)."""
-    return (images.device.type == "cpu" and images.dtype in (torch.uint8, torch.float32)
-            and images.numel() > 0 and _kernels() is not None)
+    return (
+        images.device.type == "cpu"
+        and images.dtype in (torch.uint8, torch.float32)
+        and images.numel() > 0
+        and _kernels() is not None
+    )
 
 
 def _flat(images):
@@ -153,8 +157,17 @@ def colour(images, matrix, offset, low, high):
     out = torch.from_numpy(np.empty((n, 3, h, w), np.float32))
     as_np = lambda t: np.ascontiguousarray(t.detach().to(torch.float32).numpy())
     base, starts, planar = _flat(images)
-    _kernels()[1](base, starts, h * w, planar, as_np(matrix), as_np(offset.reshape(n, 3)),
-                  as_np(low.reshape(3)), as_np(high.reshape(3)), out.view(n, 3, h * w).numpy())
+    _kernels()[1](
+        base,
+        starts,
+        h * w,
+        planar,
+        as_np(matrix),
+        as_np(offset.reshape(n, 3)),
+        as_np(low.reshape(3)),
+        as_np(high.reshape(3)),
+        out.view(n, 3, h * w).numpy(),
+    )
     return out
 
 

@@ -76,8 +76,11 @@ def check_beton(path: str | os.PathLike) -> None:
     if meta_end > size:
         _fail(path, f"{claims}, beyond the file's {size} bytes")
     if not meta_start <= table_ptr <= size or (size - table_ptr) % ALLOC_TABLE_TYPE.itemsize:
-        _fail(path, f"the allocation table at byte {table_ptr} does not fit between the metadata "
-                    f"(from byte {meta_start}) and the end of the file ({size} bytes)")
+        _fail(
+            path,
+            f"the allocation table at byte {table_ptr} does not fit between the metadata "
+            f"(from byte {meta_start}) and the end of the file ({size} bytes)",
+        )
     table = np.fromfile(path, dtype=ALLOC_TABLE_TYPE, offset=table_ptr)
     ptrs, sizes = table["ptr"].astype(np.int64), table["size"].astype(np.int64)
     data_start = min(int(table["ptr"].min()) if len(table) else table_ptr, table_ptr)
@@ -86,8 +89,11 @@ def check_beton(path: str | os.PathLike) -> None:
     bad = np.flatnonzero((ptrs < meta_end) | (ptrs + sizes > table_ptr) | (table["ptr"] > size))
     if bad.size:
         k = int(bad[0])
-        _fail(path, f"allocation {k} (byte {int(table['ptr'][k])}, {int(table['size'][k])} bytes) lies "
-                    f"outside the data region (bytes {meta_end}..{table_ptr}) ({bad.size} such)")
+        _fail(
+            path,
+            f"allocation {k} (byte {int(table['ptr'][k])}, {int(table['size'][k])} bytes) lies "
+            f"outside the data region (bytes {meta_end}..{table_ptr}) ({bad.size} such)",
+        )
     metadata = np.memmap(path, dtype=meta_type, mode="r", offset=meta_start, shape=(count,)) if count else []
     order = np.argsort(ptrs, kind="stable")
     for f, (handler, desc) in enumerate(zip(handlers, fields)):
@@ -108,9 +114,11 @@ def _check_records(path, name: str, handler, meta, ptrs, sizes) -> None:
         height, width = meta["height"].astype(np.int64), meta["width"].astype(np.int64)
         mode = meta["mode"]
         need = np.where(mode == 1, 3 * height * width, 0)
-        faults += [((height == 0) | (width == 0), "has an image with a zero dimension"),
-                   ((height > MAX_SIDE) | (width > MAX_SIDE), f"has an image side above {MAX_SIDE} px"),
-                   (mode > 1, "has an unknown image mode")]
+        faults += [
+            ((height == 0) | (width == 0), "has an image with a zero dimension"),
+            ((height > MAX_SIDE) | (width > MAX_SIDE), f"has an image side above {MAX_SIDE} px"),
+            (mode > 1, "has an unknown image mode"),
+        ]
     elif hasattr(handler, "shape") and hasattr(handler, "dtype"):  # NDArrayField
         need[:] = int(np.prod(handler.shape)) * np.dtype(handler.dtype).itemsize
     faults.append(((region >= 0) & (region < need), "holds fewer bytes than its record needs"))
@@ -144,8 +152,9 @@ class _Failure:
 
     def raise_for(self, file_name: str):
         line = (str(self.error).strip().splitlines() or [""])[0]
-        raise LoaderThreadError(f"{file_name}: FFCV's loader thread failed: "
-                                f"{type(self.error).__name__}: {line}") from self.error
+        raise LoaderThreadError(
+            f"{file_name}: FFCV's loader thread failed: {type(self.error).__name__}: {line}"
+        ) from self.error
 
 
 def guarded_iterator_class():

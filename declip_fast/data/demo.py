@@ -38,8 +38,18 @@ from .sources import Pair
 from .write import WriteConfig, write_pairs
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-CLASSES = ("t-shirt", "pair of trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
-           "bag", "ankle boot")  # Fashion-MNIST label order
+CLASSES = (
+    "t-shirt",
+    "pair of trousers",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+)  # Fashion-MNIST label order
 CAPTION_TEMPLATES = (
     "a photo of a {}.",
     "a black and white picture of the {}.",
@@ -100,7 +110,8 @@ def _idx_path(folder: Path, name: str) -> Path:
             return candidate
     raise FileNotFoundError(
         f"{name}(.gz) not found in {folder}: install Debian's dataset-fashion-mnist "
-        "(apt-get install dataset-fashion-mnist) or point DECLIP_FAST_FASHION_MNIST at the IDX files")
+        "(apt-get install dataset-fashion-mnist) or point DECLIP_FAST_FASHION_MNIST at the IDX files"
+    )
 
 
 def load_fashion_mnist(split: str, folder: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -115,7 +126,7 @@ def load_fashion_mnist(split: str, folder: str | os.PathLike | None = None) -> t
 
 
 def with_articles(text: str) -> str:
-    """"a" -> "an" before a vowel ("a ankle boot" -> "an ankle boot")."""
+    """ "a" -> "an" before a vowel ("a ankle boot" -> "an ankle boot")."""
     return re.sub(r"\b([Aa]) (?=[aeiouAEIOU])", r"\1n ", text)
 
 
@@ -150,36 +161,56 @@ def _folder_lock(folder: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def ensure_demo_data(out_dir: str | os.PathLike, train_size: int = 10_000, test_size: int = 2_000,
-                     image_size: int = 64, seed: int = 0, workers: int = 0, progress: bool = False,
-                     rebuild: bool = False, source_dir: str | os.PathLike | None = None,
-                     any_build: bool = False) -> DemoData:
+def ensure_demo_data(
+    out_dir: str | os.PathLike,
+    train_size: int = 10_000,
+    test_size: int = 2_000,
+    image_size: int = 64,
+    seed: int = 0,
+    workers: int = 0,
+    progress: bool = False,
+    rebuild: bool = False,
+    source_dir: str | os.PathLike | None = None,
+    any_build: bool = False,
+) -> DemoData:
     """The demo files in ``out_dir``, built first when missing or built with other parameters
     (``any_build``: a complete folder is used whatever it was built with, e.g. a small one a
     test made; only a missing or incomplete one is built, with these parameters)."""
     out = Path(out_dir)
-    paths = DemoData(out / "train.beton", out / "test.beton", out / "classes.json",
-                     out / "train_labels.npy", out / "test_labels.npy")
-    build = {"format": _FORMAT, "train_size": train_size, "test_size": test_size,
-             "image_size": image_size, "seed": seed}
+    paths = DemoData(
+        out / "train.beton", out / "test.beton", out / "classes.json", out / "train_labels.npy", out / "test_labels.npy"
+    )
+    build = {
+        "format": _FORMAT,
+        "train_size": train_size,
+        "test_size": test_size,
+        "image_size": image_size,
+        "seed": seed,
+    }
     out.mkdir(parents=True, exist_ok=True)
     with _folder_lock(out):
         if not rebuild and _is_complete(paths, None if any_build else build):
             return paths
         paths.classes.unlink(missing_ok=True)  # the folder is incomplete until it is rewritten
-        config = WriteConfig(max_side=image_size, upscale=True, seed=seed, workers=workers,
-                             overwrite=True, progress=progress)
+        config = WriteConfig(
+            max_side=image_size, upscale=True, seed=seed, workers=workers, overwrite=True, progress=progress
+        )
         for split, size in (("train", train_size), ("test", test_size)):
             images, labels, texts = subset(split, size, seed, source_dir)
-            pairs = [Pair(f"fashion-mnist {split}[{i}]", image, text)
-                     for i, (image, text) in enumerate(zip(images, texts))]
+            pairs = [
+                Pair(f"fashion-mnist {split}[{i}]", image, text) for i, (image, text) in enumerate(zip(images, texts))
+            ]
             summary = paths.summaries[split] = write_pairs(pairs, getattr(paths, split), config)
             if summary.written != size:  # labels are row-aligned: every image must be written
                 raise RuntimeError(f"demo {split}: wrote {summary.written} of {size} ({summary.by_reason()})")
             atomic_write(getattr(paths, f"{split}_labels"), functools.partial(_save_npy, array=labels))
-        manifest = {"classes": list(CLASSES), "templates": list(ZEROSHOT_TEMPLATES),
-                    "prompts": {c: [with_articles(t.format(c)) for t in ZEROSHOT_TEMPLATES] for c in CLASSES},
-                    "caption_templates": list(CAPTION_TEMPLATES), "build": build}
+        manifest = {
+            "classes": list(CLASSES),
+            "templates": list(ZEROSHOT_TEMPLATES),
+            "prompts": {c: [with_articles(t.format(c)) for t in ZEROSHOT_TEMPLATES] for c in CLASSES},
+            "caption_templates": list(CAPTION_TEMPLATES),
+            "build": build,
+        }
         atomic_write(paths.classes, lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n"))
     return paths
 

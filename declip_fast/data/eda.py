@@ -34,7 +34,8 @@ DELETE_P = 0.1
 
 # English function words: never replaced by a synonym (EDA's rule; "a", "the", ... have no
 # useful synonyms and WordNet maps some of them to odd senses, e.g. "a" -> "angstrom").
-STOP_WORDS = frozenset("""
+STOP_WORDS = frozenset(
+    """
 a about above after again against all am an and any are as at be because been before being below
 between both but by can could did do does doing down during each few for from further had has
 have having he her here hers herself him himself his how i if in into is it its itself just me
@@ -42,7 +43,8 @@ more most my myself no nor not now of off on once only or other our ours ourselv
 same she should so some such than that the their theirs them themselves then there these they
 this those through to too under until up very was we were what when where which while who whom
 why will with would you your yours yourself yourselves
-""".split())
+""".split()
+)
 
 _CORE = re.compile(r"^(\W*)(.*?)(\W*)$")
 

@@ -97,8 +97,7 @@ def crop_sampler(compile=lambda f: f):
 STATUS_BUFFER = 3  # the fused decoder's buffers: pixels, decode scratch, resize scratch, status
 
 
-def two_view_decoder(size: int, scale: tuple[float, float], ratio=(3 / 4, 4 / 3), seed: int = 0,
-                     views: int = 2):
+def two_view_decoder(size: int, scale: tuple[float, float], ratio=(3 / 4, 4 / 3), seed: int = 0, views: int = 2):
     """An FFCV decoder that decodes each JPEG once and writes ``views`` independent random
     resized crops, each flipped with p = 0.5: uint8 [B, views, size, size, 3]. Two pipelines on
     one field decode every image twice, and decoding is most of the loader's work (two views cost
@@ -174,8 +173,7 @@ def _decode_fn(mem_read, views: int, seed_key: int, crop_scale, crop_ratio):
                 destination[dst_ix] = 0
             else:
                 for view in range(views):
-                    i, j, h, w, flip = random_view_c(height, width, crop_scale, crop_ratio, log_ratio,
-                                                     key, 64 * view)
+                    i, j, h, w, flip = random_view_c(height, width, crop_scale, crop_ratio, log_ratio, key, 64 * view)
                     resized_crop_c(pixels, width, i, j, h, w, flip, destination[dst_ix, view], rows[dst_ix])
         return destination[: len(batch_indices)]
 

@@ -49,7 +49,12 @@ import torch
 
 from declip_fast.data.beton import check_beton, start_epoch
 from declip_fast.data.ffcv_decoder import (  # noqa: F401  (CROP_STREAM, crop_sampler, crop_seeders: re-exported)
-    CROP_STREAM, STATUS_BUFFER, crop_sampler, crop_seeders, two_view_decoder)
+    CROP_STREAM,
+    STATUS_BUFFER,
+    crop_sampler,
+    crop_seeders,
+    two_view_decoder,
+)
 from declip_fast.data.loader_config import BatchViews, DataConfig, ResumableEpochs, shard_order, subset_indices
 from declip_fast.data.schema import FIELDS
 
@@ -69,7 +74,7 @@ def _sharded_order(config: DataConfig, rank: int, world: int):
 
         def sample_order(self, epoch: int):
             picks = shard_order(len(self.indices), config.seed, epoch, rank, world, config.drop_last)
-            return self.indices[np.asarray(picks[self.skip:], dtype=np.int64)]
+            return self.indices[np.asarray(picks[self.skip :], dtype=np.int64)]
 
     class Factory(TraversalOrder):
         def __init__(self):  # no loader yet; FFCV passes it to __call__
@@ -90,8 +95,7 @@ def _image_pipeline(config: DataConfig, device: torch.device) -> list:
     from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
 
     size = config.image_size
-    ops = [RandomResizedCropRGBImageDecoder((size, size), scale=config.crop_scale),
-           RandomHorizontalFlip(), ToTensor()]
+    ops = [RandomResizedCropRGBImageDecoder((size, size), scale=config.crop_scale), RandomHorizontalFlip(), ToTensor()]
     if device.type != "cpu":  # on the CPU it would only copy into another buffer
         ops.append(ToDevice(device, non_blocking=True))
     return ops + [ToTorchImage()]
@@ -124,20 +128,31 @@ class FFCVLoader(ResumableEpochs):
         reader = Reader(config.beton)
         missing = [f for f in FIELDS if f not in reader.handlers]
         if missing:
-            raise ValueError(f"{config.beton} lacks the field(s) {missing}; write it with "
-                             "declip_fast.data.write")
+            raise ValueError(f"{config.beton} lacks the field(s) {missing}; write it with declip_fast.data.write")
         pipelines = _pipelines(config, device)
         self._loader = Loader(
-            config.beton, batch_size=config.batch_size, num_workers=max(1, config.workers()),
+            config.beton,
+            batch_size=config.batch_size,
+            num_workers=max(1, config.workers()),
             indices=subset_indices(reader.num_samples, config.fraction, config.fraction_seed),
-            os_cache=config.os_cache, order=_sharded_order(config, rank, world),
-            distributed=world > 1, seed=config.seed, pipelines=pipelines,
-            drop_last=config.drop_last)
+            os_cache=config.os_cache,
+            order=_sharded_order(config, rank, world),
+            distributed=world > 1,
+            seed=config.seed,
+            pipelines=pipelines,
+            drop_last=config.drop_last,
+        )
         # FFCV yields a tuple in the order of its pipeline specs (file fields, then added outputs).
         self._slot = {name: i for i, name in enumerate(self._loader.pipeline_specs)}
         decoder = self._loader.pipeline_specs["image"].decoder if config.ffcv_fused_views else None
-        self._status_node = next((n.id for n in self._loader.graph.nodes  # the fused decoder's
-                                  if decoder is not None and getattr(n, "decoder", None) is decoder), None)
+        self._status_node = next(
+            (
+                n.id
+                for n in self._loader.graph.nodes  # the fused decoder's
+                if decoder is not None and getattr(n, "decoder", None) is decoder
+            ),
+            None,
+        )
         self._views = BatchViews(config, device, rank)
         self.skipped = 0
 
@@ -219,8 +234,7 @@ def _pipelines(config: DataConfig, device: torch.device) -> dict:
 
     if config.ffcv_fused_views:
         views = 2 if config.two_views else 1
-        image = [two_view_decoder(config.image_size, config.crop_scale, seed=config.seed, views=views),
-                 ToTensor()]
+        image = [two_view_decoder(config.image_size, config.crop_scale, seed=config.seed, views=views), ToTensor()]
         image += [ToDevice(device, non_blocking=True)] if device.type != "cpu" else []
     else:
         image = _image_pipeline(config, device)

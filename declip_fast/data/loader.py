@@ -49,6 +49,7 @@ torch DataLoader; ``"auto"`` takes FFCV when it imports and ``beton`` is set, th
 otherwise. Distributed: rank and world size come from the config or, when those are unset, from
 an initialized ``torch.distributed`` process group; each rank reads a disjoint shard each epoch.
 """
+
 from __future__ import annotations
 
 import logging
@@ -93,7 +94,8 @@ def choose_backend(config: DataConfig) -> str:
             raise ImportError(
                 f"backend='ffcv' was asked for, but FFCV cannot be imported ({reason}). Install it "
                 "with pip install 'declip-fast[ffcv]' (needs libopencv-dev libturbojpeg0-dev "
-                "pkg-config), or set backend='torch' (or 'auto') to use the torch fallback.")
+                "pkg-config), or set backend='torch' (or 'auto') to use the torch fallback."
+            )
         if config.beton is None:
             raise ValueError("backend='ffcv' needs config.beton, the .beton file to read")
         return "ffcv"
@@ -101,11 +103,11 @@ def choose_backend(config: DataConfig) -> str:
         return "ffcv"
     if config.source is None:
         why = f"FFCV cannot be imported ({reason})" if reason else "config.beton is not set"
-        raise ValueError(f"no usable data: {why}, and config.source (the raw pairs for the torch "
-                         "fallback) is not set either")
+        raise ValueError(
+            f"no usable data: {why}, and config.source (the raw pairs for the torch fallback) is not set either"
+        )
     if reason is not None and config.beton is not None:
-        log.warning("FFCV cannot be imported (%s): reading %s with the torch fallback instead",
-                    reason, config.source)
+        log.warning("FFCV cannot be imported (%s): reading %s with the torch fallback instead", reason, config.source)
     return "torch"
 
 
@@ -130,9 +132,19 @@ def build_loader(config: DataConfig, device: torch.device | str = "cpu"):
         loader = TorchLoader(config, device, rank, world)
         what = config.source
     if len(loader) == 0:
-        raise ValueError(f"{what}: {loader.num_samples} samples (fraction {config.fraction}) over {world} "
-                         f"rank(s) make no batch of {config.batch_size} (drop_last={config.drop_last}); "
-                         "lower data.batch_size or raise data.fraction")
-    log.info("data loader: %s backend reading %s (rank %d of %d, %d workers, batch %d, device %s)",
-             backend, what, rank, world, config.workers(), config.batch_size, device)
+        raise ValueError(
+            f"{what}: {loader.num_samples} samples (fraction {config.fraction}) over {world} "
+            f"rank(s) make no batch of {config.batch_size} (drop_last={config.drop_last}); "
+            "lower data.batch_size or raise data.fraction"
+        )
+    log.info(
+        "data loader: %s backend reading %s (rank %d of %d, %d workers, batch %d, device %s)",
+        backend,
+        what,
+        rank,
+        world,
+        config.workers(),
+        config.batch_size,
+        device,
+    )
     return loader

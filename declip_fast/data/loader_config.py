@@ -54,8 +54,7 @@ class DataConfig:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.batch_size < 1 or self.image_size < 8:
-            raise ValueError(f"need batch_size >= 1 and image_size >= 8, got {self.batch_size}, "
-                             f"{self.image_size}")
+            raise ValueError(f"need batch_size >= 1 and image_size >= 8, got {self.batch_size}, {self.image_size}")
         if self.num_workers is not None and self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0 (0: load in this process), got {self.num_workers}")
         if not 0.0 < self.fraction <= 1.0:
@@ -125,8 +124,9 @@ def shard_order(num_samples: int, seed: int, epoch: int, rank: int, world: int, 
     tail that does not divide evenly (no sample twice); otherwise the head is repeated to pad."""
     from torch.utils.data import DistributedSampler
 
-    sampler = DistributedSampler(range(num_samples), num_replicas=world, rank=rank, shuffle=True,
-                                 seed=seed, drop_last=drop_last)
+    sampler = DistributedSampler(
+        range(num_samples), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=drop_last
+    )
     sampler.set_epoch(epoch)
     return list(sampler)
 
@@ -150,8 +150,14 @@ class BatchViews:
         self.text_gen.manual_seed(batch_seed(seed, epoch, rank, self.TEXT_STREAM, batch))
         self.image_gen.manual_seed(batch_seed(seed, epoch, rank, self.IMAGE_STREAM, batch))
 
-    def __call__(self, images_1: torch.Tensor, images_2: torch.Tensor | None, tokens: torch.Tensor,
-                 text_2: torch.Tensor | None, index: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(
+        self,
+        images_1: torch.Tensor,
+        images_2: torch.Tensor | None,
+        tokens: torch.Tensor,
+        text_2: torch.Tensor | None,
+        index: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
         """uint8 [B, 3, S, S] views (on the device), int tokens [B, 77], int index [B] (CPU)."""
         cfg, dev = self.config, self.device
         tokens = tokens.to(torch.int64)  # a copy: loader buffers get reused
@@ -183,8 +189,10 @@ class ResumableEpochs:
         """The next iteration runs epoch ``epoch`` from batch ``start_batch`` (only that one
         iteration starts late; the one after is epoch + 1 from batch 0)."""
         if epoch < 0 or not 0 <= start_batch <= len(self):
-            raise ValueError(f"need epoch >= 0 and 0 <= start_batch <= {len(self)} (batches per "
-                             f"epoch), got epoch {epoch}, start_batch {start_batch}")
+            raise ValueError(
+                f"need epoch >= 0 and 0 <= start_batch <= {len(self)} (batches per "
+                f"epoch), got epoch {epoch}, start_batch {start_batch}"
+            )
         self._epoch, self._start_batch = int(epoch), int(start_batch)
         self._advance(self._epoch, self._start_batch)
 

@@ -36,8 +36,9 @@ def maskable_positions(ids: torch.Tensor) -> torch.Tensor:
     return inside & ~special
 
 
-def mask_tokens(ids: torch.Tensor, generator: torch.Generator | None = None,
-                prob: float = MASK_PROB) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_tokens(
+    ids: torch.Tensor, generator: torch.Generator | None = None, prob: float = MASK_PROB
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(masked ids, targets) for token ids [B, L]; see the module docstring for the recipe."""
     if not 0.0 < prob <= 1.0:
         raise ValueError(f"the masking probability must be in (0, 1], got {prob}")

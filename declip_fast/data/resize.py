@@ -102,4 +102,3 @@ def resized_crop_fn(compile=lambda f: f):
                 dst_row[dst, 2] = np.uint8(min(max(b >> out_shift, zero), top))
 
     return compile(resized_crop)
-

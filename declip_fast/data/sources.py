@@ -265,7 +265,8 @@ def _tar_pairs(shards: Sequence[Path]) -> tuple[list[Pair], list[Skip]]:
                     key, dot, ext = name.partition(".")  # webdataset: the key ends at the first dot
                     key = f"{folder}/{key}" if folder else key
                     items.setdefault(key, {})["." + ext.lower() if dot else ""] = Blob(
-                        str(shard), member.offset_data, member.size)
+                        str(shard), member.offset_data, member.size
+                    )
         except (tarfile.TarError, OSError, EOFError) as err:  # a cut shard: keep what was listed
             skips.append(Skip(str(shard), f"unreadable tar ({type(err).__name__})"))
         shard_pairs, shard_skips = _group_pairs(items, f"{shard}:")

@@ -50,9 +50,7 @@ _SPECIAL_IDS = {SOT_TEXT: (SOT_ID,), EOT_TEXT: (EOT_ID,)}  # spelled in a captio
 
 # OpenCLIP's pre-token pattern (contractions, letter runs, single digits, runs of anything else),
 # with its two special tokens tried first. Needs the third-party ``regex`` for \p{..} classes.
-_PRETOKEN_PATTERN = (
-    rf"{SOT_TEXT}|{EOT_TEXT}|'s|'t|'re|'ve|'m|'ll|'d|[\p{{L}}]+|[\p{{N}}]|[^\s\p{{L}}\p{{N}}]+"
-)
+_PRETOKEN_PATTERN = rf"{SOT_TEXT}|{EOT_TEXT}|'s|'t|'re|'ve|'m|'ll|'d|[\p{{L}}]+|[\p{{N}}]|[^\s\p{{L}}\p{{N}}]+"
 # Any character outside this set sends a caption through ftfy + html.unescape (see docstring).
 _NEEDS_FULL_CLEAN = _stdlib_re.compile(r"[^\t\n\r\x20-\x25\x27-\x7e]")
 

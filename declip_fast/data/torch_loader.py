@@ -66,8 +66,15 @@ class PairsDataset(Dataset):
     and the index, or ``(source, reason)`` for a sample that cannot be loaded.
     """
 
-    def __init__(self, pairs: Sequence, image_size: int, crop_scale=(0.2, 1.0), two_views: bool = True,
-                 eda: bool = True, seed: int = 0):
+    def __init__(
+        self,
+        pairs: Sequence,
+        image_size: int,
+        crop_scale=(0.2, 1.0),
+        two_views: bool = True,
+        eda: bool = True,
+        seed: int = 0,
+    ):
         from torchvision.transforms import v2
 
         self.items = [self._normalize(p) for p in pairs]
@@ -75,8 +82,9 @@ class PairsDataset(Dataset):
         # The shorter side of the smallest crop is about sqrt(scale * area * 3/4) (the extreme
         # aspect ratio); a JPEG may be decoded smaller as long as that stays >= image_size.
         self.min_crop_side = math.ceil(image_size / math.sqrt(0.75 * crop_scale[0]))
-        self.view = v2.Compose([v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), antialias=True),
-                                v2.RandomHorizontalFlip()])
+        self.view = v2.Compose(
+            [v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), antialias=True), v2.RandomHorizontalFlip()]
+        )
 
     @staticmethod
     def _normalize(pair) -> tuple:
@@ -162,27 +170,39 @@ class TorchLoader(ResumableEpochs):
 
     backend = "torch"
 
-    def __init__(self, config: DataConfig, device: torch.device, rank: int, world: int,
-                 pairs: Sequence | None = None):
+    def __init__(self, config: DataConfig, device: torch.device, rank: int, world: int, pairs: Sequence | None = None):
         self.config, self.device, self.rank, self.world = config, device, rank, world
         if pairs is None:
             if config.source is None:
                 raise ValueError("the torch loader needs config.source (or a list of pairs)")
             pairs = pairs_from_source(config.source)
-        self.dataset = PairsDataset(pairs, config.image_size, config.crop_scale, config.two_views,
-                                    config.eda, config.seed)
+        self.dataset = PairsDataset(
+            pairs, config.image_size, config.crop_scale, config.two_views, config.eda, config.seed
+        )
         if len(self.dataset) == 0:
             raise ValueError(f"no pairs found in {config.source}")
         self._warm_up()
         self.rows = subset_indices(len(self.dataset), config.fraction, config.fraction_seed)
-        sampler = DistributedSampler(range(len(self.rows)), num_replicas=world, rank=rank, shuffle=True,
-                                     seed=config.seed, drop_last=config.drop_last)
+        sampler = DistributedSampler(
+            range(len(self.rows)),
+            num_replicas=world,
+            rank=rank,
+            shuffle=True,
+            seed=config.seed,
+            drop_last=config.drop_last,
+        )
         self._sampler = _EpochKeys(sampler, self.rows)
         workers = config.workers()
         self._loader = DataLoader(
-            self.dataset, batch_size=config.batch_size, sampler=self._sampler, num_workers=workers,
-            collate_fn=collate_valid, drop_last=config.drop_last, pin_memory=device.type == "cuda",
-            persistent_workers=workers > 0)
+            self.dataset,
+            batch_size=config.batch_size,
+            sampler=self._sampler,
+            num_workers=workers,
+            collate_fn=collate_valid,
+            drop_last=config.drop_last,
+            pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0,
+        )
         self._views = BatchViews(config, device, rank)
         self.skipped = 0
 
@@ -222,8 +242,7 @@ class TorchLoader(ResumableEpochs):
                 self._advance(epoch, b + 1)
                 continue
             views.start_batch(epoch, b)
-            images = [batch[k].to(dev, non_blocking=True) if k in batch else None
-                      for k in ("images_1", "images_2")]
+            images = [batch[k].to(dev, non_blocking=True) if k in batch else None for k in ("images_1", "images_2")]
             out = views(*images, batch["tokens"], batch.get("text_2"), batch["index"])
             self._advance(epoch, b + 1)
             yield out

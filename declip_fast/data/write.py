@@ -57,20 +57,40 @@ from typing import Sequence
 
 from declip_fast.data import write_output as output
 from declip_fast.data.schema import (  # noqa: F401  (re-exported)
-    CONTEXT_LENGTH, EDA_VARIANTS, FIELDS, MAX_CAPTION_CHARS, ffcv_fields)
+    CONTEXT_LENGTH,
+    EDA_VARIANTS,
+    FIELDS,
+    MAX_CAPTION_CHARS,
+    ffcv_fields,
+)
 from declip_fast.data.sources import Blob, Pair, PathError, Skip, list_pairs  # noqa: F401  (re-exported)
 from declip_fast.data.write_config import (  # noqa: F401  (re-exported)
-    NoPairsError, WriteConfig, WriteSummary, save_summary)
+    NoPairsError,
+    WriteConfig,
+    WriteSummary,
+    save_summary,
+)
 from declip_fast.data.write_container import _BetonFile
 from declip_fast.data.write_prepare import (  # noqa: F401  (eda_seed, eda_variants, _fit: re-exported)
-    _executor, _fit, _prepared, eda_seed, eda_variants, warm_up)
+    _executor,
+    _fit,
+    _prepared,
+    eda_seed,
+    eda_variants,
+    warm_up,
+)
 
 
 # -- writing ------------------------------------------------------------------------------------
 
 
-def write_pairs(pairs: Sequence[Pair], out: str | os.PathLike, config: WriteConfig | None = None,
-                listing_skips: Sequence[Skip] = (), started: float | None = None) -> WriteSummary:
+def write_pairs(
+    pairs: Sequence[Pair],
+    out: str | os.PathLike,
+    config: WriteConfig | None = None,
+    listing_skips: Sequence[Skip] = (),
+    started: float | None = None,
+) -> WriteSummary:
     """Prepare ``pairs`` in parallel and write the valid ones to ``out`` (see the module docstring).
 
     Raises ``FileExistsError`` (OUT exists, no overwrite), :class:`PathError` (OUT cannot be
@@ -128,8 +148,7 @@ def _fill(beton: _BetonFile, pairs, cfg: WriteConfig, pool, capacity: int, skips
         items.close()
 
 
-def write_dataset(source: str | os.PathLike, out: str | os.PathLike,
-                  config: WriteConfig | None = None) -> WriteSummary:
+def write_dataset(source: str | os.PathLike, out: str | os.PathLike, config: WriteConfig | None = None) -> WriteSummary:
     """``declip-fast write-dataset SOURCE OUT``: list the source's pairs and write them."""
     cfg = config or WriteConfig()
     output.check(Path(out), cfg.overwrite)  # before the slow part: FFCV's import, the listing

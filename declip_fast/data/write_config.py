@@ -49,10 +49,15 @@ class WriteSummary:
         return dict(collections.Counter(s.reason for s in self.skips).most_common())
 
     def to_json(self) -> dict:
-        return {"output": self.output, "written": self.written, "skipped": self.skipped,
-                "skipped_by_reason": self.by_reason(), "pairs_per_s": round(self.pairs_per_s, 2),
-                "seconds": round(self.seconds, 3),
-                "skips": [{"source": s.source, "reason": s.reason} for s in self.skips]}
+        return {
+            "output": self.output,
+            "written": self.written,
+            "skipped": self.skipped,
+            "skipped_by_reason": self.by_reason(),
+            "pairs_per_s": round(self.pairs_per_s, 2),
+            "seconds": round(self.seconds, 3),
+            "skips": [{"source": s.source, "reason": s.reason} for s in self.skips],
+        }
 
     def format(self) -> str:
         lines = [f"written: {self.written} pairs -> {self.output}", f"skipped: {self.skipped}"]

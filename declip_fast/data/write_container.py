@@ -57,10 +57,13 @@ class _BetonFile:
         from ffcv.writer import handle_sample
 
         jpeg, height, width, tokens, eda_tokens = prepared
-        sample = ((jpeg, height, width), np.ascontiguousarray(tokens, np.int32),
-                  np.ascontiguousarray(eda_tokens, np.int32), self.count)
-        handle_sample(sample, self.count, self.metadata.dtype.names, self.metadata, self.allocator,
-                      self.encoders)
+        sample = (
+            (jpeg, height, width),
+            np.ascontiguousarray(tokens, np.int32),
+            np.ascontiguousarray(eda_tokens, np.int32),
+            self.count,
+        )
+        handle_sample(sample, self.count, self.metadata.dtype.names, self.metadata, self.allocator, self.encoders)
         self.count += 1
 
     def close(self, finish: bool) -> None:

@@ -58,8 +58,10 @@ def check(out: Path, overwrite: bool) -> None:
     folder = _existing(out.parent)
     name_max, size = _name_max(folder), len(os.fsencode(out.name))
     if size > name_max:
-        raise PathError.of(f"cannot write {out}", OSError(
-            errno.ENAMETOOLONG, f"file name too long ({size} bytes; at most {name_max} here)"))
+        raise PathError.of(
+            f"cannot write {out}",
+            OSError(errno.ENAMETOOLONG, f"file name too long ({size} bytes; at most {name_max} here)"),
+        )
     try:
         exists = out.exists()
     except OSError as err:  # a folder name in the path too long, a folder we may not look into
@@ -118,8 +120,9 @@ class Partial:
                 try:
                     os.link(self.path, self.out)  # fails if OUT exists, atomically
                 except FileExistsError:
-                    raise FileExistsError(f"{self.out} appeared during the write; pass overwrite=True "
-                                          "to replace it") from None
+                    raise FileExistsError(
+                        f"{self.out} appeared during the write; pass overwrite=True to replace it"
+                    ) from None
                 except OSError:  # a file system without hard links
                     check(self.out, overwrite)
                     os.replace(self.path, self.out)
@@ -155,8 +158,11 @@ def clear_leftovers(out: Path) -> None:
             continue
         path = folder / name
         if fcntl is None:
-            log.warning("%s: a temporary file of an interrupted or running write of %s; remove it if "
-                        "no write is running", path, out)
+            log.warning(
+                "%s: a temporary file of an interrupted or running write of %s; remove it if no write is running",
+                path,
+                out,
+            )
         elif _in_use(path, int(match.group(1))):
             log.warning("%s: another write of %s is in progress; left alone", path, out)
         else:

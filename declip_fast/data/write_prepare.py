@@ -201,5 +201,3 @@ def _executor(cfg: WriteConfig, n_pairs: int) -> tuple[ProcessPoolExecutor | Non
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     return pool, workers * _WINDOW_PER_WORKER
-
-

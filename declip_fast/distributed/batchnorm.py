@@ -51,8 +51,14 @@ def convert(module: nn.Module, group=None) -> nn.Module:
     """Replace every ``nn.BatchNorm1d`` in ``module`` (in place) by a GlobalBatchNorm1d."""
     for name, child in list(module.named_children()):
         if type(child) is nn.BatchNorm1d:
-            new = GlobalBatchNorm1d(child.num_features, child.eps, child.momentum, child.affine,
-                                    child.track_running_stats, device=_device(child))
+            new = GlobalBatchNorm1d(
+                child.num_features,
+                child.eps,
+                child.momentum,
+                child.affine,
+                child.track_running_stats,
+                device=_device(child),
+            )
             new.group = group
             new.load_state_dict(child.state_dict())
             setattr(module, name, new)

@@ -71,8 +71,7 @@ def complete_checkpoints(checkpoints_dir: str | os.PathLike) -> list[Path]:
     checkpoints_dir = Path(checkpoints_dir)
     if not checkpoints_dir.is_dir():
         return []
-    found = [p for p in checkpoints_dir.iterdir()
-             if _NAME.match(p.name) and p.is_dir() and (p / COMPLETE).is_file()]
+    found = [p for p in checkpoints_dir.iterdir() if _NAME.match(p.name) and p.is_dir() and (p / COMPLETE).is_file()]
     return sorted(found, key=step_of)
 
 

@@ -80,5 +80,4 @@ def setup(device: str = "auto") -> Env:
     return Env(dev, rank(), world_size())
 
 
-__all__ = ["Env", "barrier", "initialized", "launched_world_size", "rank", "resolve_device", "setup",
-           "world_size"]
+__all__ = ["Env", "barrier", "initialized", "launched_world_size", "rank", "resolve_device", "setup", "world_size"]

@@ -48,8 +48,14 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
     return units
 
 
-def parallelize(model: nn.Module, mesh=None, precision: str = "fp32", compile: bool = False,
-                checkpointing: bool = False, shard: bool | None = None) -> nn.Module:
+def parallelize(
+    model: nn.Module,
+    mesh=None,
+    precision: str = "fp32",
+    compile: bool = False,
+    checkpointing: bool = False,
+    shard: bool | None = None,
+) -> nn.Module:
     """Checkpointing, compile and (when ``shard``) global-batch norms and FSDP2 applied to
     ``model`` in place; returns it. ``shard`` None: shard when a mesh is given or a process group
     of more than one rank is up, so one call serves every world size (one process keeps its

@@ -54,8 +54,10 @@ def verify(folder: str | os.PathLike) -> None:
         if not any((p / MANIFEST).is_file() for p in folder.parent.iterdir() if p != folder):
             # A run saved before checkpoints had checksums: nothing to verify against, and
             # refusing would strand it. In a run that has manifests, a missing one is damage.
-            print(f"warning: checkpoint {folder} has no {MANIFEST} (saved by an older version): "
-                  "loading it unverified", file=sys.stderr)
+            print(
+                f"warning: checkpoint {folder} has no {MANIFEST} (saved by an older version): loading it unverified",
+                file=sys.stderr,
+            )
             return
         raise CheckpointDamaged(f"checkpoint {folder} is damaged: {MANIFEST} is missing") from None
     except (ValueError, KeyError, TypeError) as err:
@@ -66,11 +68,13 @@ def verify(folder: str | os.PathLike) -> None:
             raise CheckpointDamaged(f"checkpoint {folder} is damaged: {name} is missing")
         size = path.stat().st_size
         if size != want["size"]:
-            raise CheckpointDamaged(f"checkpoint {folder} is damaged: {name} has {size} bytes, "
-                                    f"{want['size']} were written")
+            raise CheckpointDamaged(
+                f"checkpoint {folder} is damaged: {name} has {size} bytes, {want['size']} were written"
+            )
         if sha256_of(path) != want["sha256"]:
-            raise CheckpointDamaged(f"checkpoint {folder} is damaged: {name} does not match its "
-                                    "sha256 (its bytes changed after the save)")
+            raise CheckpointDamaged(
+                f"checkpoint {folder} is damaged: {name} does not match its sha256 (its bytes changed after the save)"
+            )
 
 
 __all__ = ["MANIFEST", "CheckpointDamaged", "manifest_bytes", "sha256_of", "verify"]

@@ -23,18 +23,30 @@ from pathlib import Path
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``eval`` subcommand to ``subparsers`` (``set_defaults(func=run)``)."""
-    p = subparsers.add_parser("eval", help="zero-shot / linear-probe evaluation",
-                              description="Zero-shot top-1/top-5 (and linear-probe top-1) of a checkpoint.")
-    p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN_DIR",
-                   help="a run folder (config.yaml + checkpoints/; its newest checkpoint), one of its "
-                   "checkpoint folders, or a state_dict .pt (with --preset)")
+    p = subparsers.add_parser(
+        "eval",
+        help="zero-shot / linear-probe evaluation",
+        description="Zero-shot top-1/top-5 (and linear-probe top-1) of a checkpoint.",
+    )
+    p.add_argument(
+        "checkpoint",
+        metavar="CHECKPOINT_OR_RUN_DIR",
+        help="a run folder (config.yaml + checkpoints/; its newest checkpoint), one of its "
+        "checkpoint folders, or a state_dict .pt (with --preset)",
+    )
     p.add_argument("--data", help="test images: .beton or ImageFolder-layout folder")
     p.add_argument("--labels", help="labels .npy of a .beton (default: <stem>_labels.npy beside it)")
-    p.add_argument("--classes", help="classes JSON: {classes, prompts | templates} (default: classes.json "
-                   "beside a .beton; a folder's subfolder names)")
+    p.add_argument(
+        "--classes",
+        help="classes JSON: {classes, prompts | templates} (default: classes.json "
+        "beside a .beton; a folder's subfolder names)",
+    )
     p.add_argument("--demo", metavar="DIR", help="evaluate on the demo data in DIR (test.beton, classes.json)")
-    p.add_argument("--preset", help="model preset of a state_dict file (declip_fast.models.presets); "
-                   "for a run folder it replaces the model of its config.yaml")
+    p.add_argument(
+        "--preset",
+        help="model preset of a state_dict file (declip_fast.models.presets); "
+        "for a run folder it replaces the model of its config.yaml",
+    )
     p.add_argument("--image-size", type=int, help="evaluation crop size (default: the model's)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, help="loader workers (default: up to 8)")
@@ -80,11 +92,11 @@ def load_model(path, preset: str | None = None):
 
 def _load_from_run(path: Path, preset: str | None, build):
     # a run folder holds config.yaml; a checkpoint folder is RUN/checkpoints/<step>
-    config_file = next((d / "config.yaml" for d in (path, path.parent.parent) if (d / "config.yaml").is_file()),
-                       None)
+    config_file = next((d / "config.yaml" for d in (path, path.parent.parent) if (d / "config.yaml").is_file()), None)
     if config_file is None and preset is None:
-        raise ValueError(f"{path} is not a run folder (no config.yaml in it or in its run folder); "
-                         "name the model with --preset")
+        raise ValueError(
+            f"{path} is not a run folder (no config.yaml in it or in its run folder); name the model with --preset"
+        )
     from declip_fast.distributed.checkpoint_format import load_model_for_eval
 
     if preset is not None:
@@ -123,13 +135,23 @@ def _sources(args) -> dict:
     if args.demo:
         demo = Path(args.demo)
         if not (demo / "classes.json").is_file():
-            raise FileNotFoundError(f"{demo}/classes.json not found: build the demo data first "
-                                    f"(declip-fast write-dataset --demo {demo})")
-        return {"data": demo / "test.beton", "labels": demo / "test_labels.npy",
-                "classes": demo / "classes.json", "train_data": demo / "train.beton",
-                "train_labels": demo / "train_labels.npy"}
-    return {"data": args.data, "labels": args.labels, "classes": args.classes, "train_data": args.train_data,
-            "train_labels": args.train_labels}
+            raise FileNotFoundError(
+                f"{demo}/classes.json not found: build the demo data first (declip-fast write-dataset --demo {demo})"
+            )
+        return {
+            "data": demo / "test.beton",
+            "labels": demo / "test_labels.npy",
+            "classes": demo / "classes.json",
+            "train_data": demo / "train.beton",
+            "train_labels": demo / "train_labels.npy",
+        }
+    return {
+        "data": args.data,
+        "labels": args.labels,
+        "classes": args.classes,
+        "train_data": args.train_data,
+        "train_labels": args.train_labels,
+    }
 
 
 def run(args, parser: argparse.ArgumentParser | None = None) -> int:
@@ -161,8 +183,13 @@ def run(args, parser: argparse.ArgumentParser | None = None) -> int:
             train = labelled_images(src["train_data"], size, labels=src["train_labels"], **kwargs)
             test = labelled_images(src["data"], size, labels=src["labels"], **kwargs)
             probe = linear_probe(model, train, test, device)
-            rows.update({"linear-probe top1": probe["top1"], "linear-probe best_C": probe["best_C"],
-                         "linear-probe n_train": probe["n_train"]})
+            rows.update(
+                {
+                    "linear-probe top1": probe["top1"],
+                    "linear-probe best_C": probe["best_C"],
+                    "linear-probe n_train": probe["n_train"],
+                }
+            )
     except (OSError, ValueError, RuntimeError, ImportError) as err:
         # A missing or mismatched file or checkpoint: one line, exit 2 (as train does).
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)

@@ -74,8 +74,16 @@ def _fit(classifier_cls, C: float, x: np.ndarray, y: np.ndarray, max_iter: int, 
         return classifier.fit(x, y)
 
 
-def fit_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
-              Cs=DEFAULT_CS, val_fraction: float = 0.2, seed: int = 0, max_iter: int = 1000) -> dict:
+def fit_probe(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    Cs=DEFAULT_CS,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    max_iter: int = 1000,
+) -> dict:
     """Sweep C on a held-out split of the train features, refit on all of them, score the test.
 
     Returns ``top1`` (test accuracy), ``best_C``, ``Cs`` (ascending) with ``val_top1`` (the
@@ -104,12 +112,26 @@ def _sweep_and_fit(classifier_cls, train_x, train_y, test_x, test_y, Cs, val_fra
     else:
         best_C = Cs[len(Cs) // 2]
     final = _fit(classifier_cls, best_C, train_x, train_y, max_iter)
-    return {"top1": float(final.score(test_x, test_y)), "best_C": best_C, "Cs": Cs,
-            "val_top1": [val_top1.get(c) for c in Cs], "n_train": len(train_y), "n_test": len(test_y)}
+    return {
+        "top1": float(final.score(test_x, test_y)),
+        "best_C": best_C,
+        "Cs": Cs,
+        "val_top1": [val_top1.get(c) for c in Cs],
+        "n_train": len(train_y),
+        "n_test": len(test_y),
+    }
 
 
-def linear_probe(model: torch.nn.Module, train_batches, test_batches, device: torch.device | str,
-                 Cs=DEFAULT_CS, val_fraction: float = 0.2, seed: int = 0, max_iter: int = 1000) -> dict:
+def linear_probe(
+    model: torch.nn.Module,
+    train_batches,
+    test_batches,
+    device: torch.device | str,
+    Cs=DEFAULT_CS,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    max_iter: int = 1000,
+) -> dict:
     """Linear-probe accuracy of ``model``'s frozen image features (see :func:`fit_probe`)."""
     _logistic_regression()  # fail before spending time on features
     train_x, train_y = extract_features(model, train_batches, device)

@@ -96,13 +96,9 @@ def check_features(image_features: torch.Tensor, text_features: torch.Tensor) ->
             f"{tuple(text_features.shape)} must have the same shape"
         )
     if image_features.device != text_features.device:
-        raise ValueError(
-            f"image_features on {image_features.device} but text_features on {text_features.device}"
-        )
+        raise ValueError(f"image_features on {image_features.device} but text_features on {text_features.device}")
     if image_features.dtype != text_features.dtype:
-        raise ValueError(
-            f"image_features are {image_features.dtype} but text_features are {text_features.dtype}"
-        )
+        raise ValueError(f"image_features are {image_features.dtype} but text_features are {text_features.dtype}")
 
 
 class ClipLoss(nn.Module):
@@ -175,8 +171,10 @@ class ClipLoss(nn.Module):
             all_image = self._gather(image_features)
             all_text = self._gather(text_features)
             if self.local_loss:
-                loss = (loss_fn(image_features, all_text, mode="rows", offset=offset)
-                        + loss_fn(text_features, all_image, mode="rows", offset=offset)) / 2
+                loss = (
+                    loss_fn(image_features, all_text, mode="rows", offset=offset)
+                    + loss_fn(text_features, all_image, mode="rows", offset=offset)
+                ) / 2
             else:
                 loss = loss_fn(all_image, all_text)
         else:
@@ -188,4 +186,3 @@ class ClipLoss(nn.Module):
             bias = as_scalar("logit_bias", logit_bias, image_features)
             loss = loss + 0.0 * bias.to(loss.dtype)
         return {"contrastive_loss": loss} if output_dict else loss
-

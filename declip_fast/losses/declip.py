@@ -85,19 +85,37 @@ def preset(name: str, **overrides) -> DeCLIPLossConfig:
 
 
 class DeCLIPLoss(nn.Module):
-    def __init__(self, config: DeCLIPLossConfig | str = "released", rank: int = 0,
-                 world_size: int = 1, group=None, embed_dim: int | None = None, device=None):
+    def __init__(
+        self,
+        config: DeCLIPLossConfig | str = "released",
+        rank: int = 0,
+        world_size: int = 1,
+        group=None,
+        embed_dim: int | None = None,
+        device=None,
+    ):
         super().__init__()
         self.config = preset(config) if isinstance(config, str) else config
         self.weights = self.config.weights
-        self.clip_loss = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank,
-                                  world_size=world_size, impl=self.config.impl)
+        self.clip_loss = ClipLoss(
+            local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size, impl=self.config.impl
+        )
         self.simsiam = SimSiamLoss() if self.weights["iss"] else None
         self.mlm = MLMLoss() if self.weights["tss"] else None
         # With embed_dim the queue exists before the first step, so a checkpoint can fill it.
-        self.nns = (NNSLoss(self.config.queue_size, dim=embed_dim, rank=rank, world_size=world_size,
-                            impl=self.config.impl, group=group, device=device)
-                    if self.weights["nns"] else None)
+        self.nns = (
+            NNSLoss(
+                self.config.queue_size,
+                dim=embed_dim,
+                rank=rank,
+                world_size=world_size,
+                impl=self.config.impl,
+                group=group,
+                device=device,
+            )
+            if self.weights["nns"]
+            else None
+        )
         self.world_size, self.group = world_size, group
 
     def defer_enqueue(self, on: bool = True) -> None:

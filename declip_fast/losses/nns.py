@@ -115,8 +115,7 @@ class FeatureQueue(nn.Module):
             )
 
     @torch.no_grad()
-    def enqueue(self, features: torch.Tensor, gather: bool = False, group=None,
-                assume_finite: bool = False) -> bool:
+    def enqueue(self, features: torch.Tensor, gather: bool = False, group=None, assume_finite: bool = False) -> bool:
         """Append ``features`` [B, dim] (normalized, detached, in the queue's dtype); returns
         False, changing nothing, when a value (of any rank's rows, with ``gather``) is not finite.
 
@@ -167,13 +166,9 @@ class FeatureQueue(nn.Module):
             raise ValueError(f"FeatureQueue state must be a dict with ptr and count, got {state!r}")
         ptr, count = int(state["ptr"]), int(state["count"])
         if not (0 <= count <= self.size and 0 <= ptr < self.size):
-            raise ValueError(
-                f"FeatureQueue state ptr={ptr}, count={count} is out of range for size {self.size}"
-            )
+            raise ValueError(f"FeatureQueue state ptr={ptr}, count={count} is out of range for size {self.size}")
         if count < self.size and ptr != count:
-            raise ValueError(
-                f"FeatureQueue state ptr={ptr} must equal count={count} until the queue is full"
-            )
+            raise ValueError(f"FeatureQueue state ptr={ptr} must equal count={count} until the queue is full")
         self._ptr, self._count = ptr, count
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -211,9 +206,7 @@ def check_views(image_views, text_views) -> tuple[int, int]:
     dtype and device; returns (B, D)."""
     for name, views in (("image_views", image_views), ("text_views", text_views)):
         if not isinstance(views, (list, tuple)) or len(views) == 0:
-            raise ValueError(
-                f"{name} must be a non-empty list of [batch, dim] tensors, got {views!r:.80}"
-            )
+            raise ValueError(f"{name} must be a non-empty list of [batch, dim] tensors, got {views!r:.80}")
     named = [(f"image_views[{i}]", v) for i, v in enumerate(image_views)]
     named += [(f"text_views[{i}]", v) for i, v in enumerate(text_views)]
     first_name, first = named[0]
@@ -221,17 +214,16 @@ def check_views(image_views, text_views) -> tuple[int, int]:
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 2 or 0 in t.shape:
-            raise ValueError(
-                f"{name} must be a non-empty 2-D [batch, dim] tensor, got shape {tuple(t.shape)}"
-            )
+            raise ValueError(f"{name} must be a non-empty 2-D [batch, dim] tensor, got shape {tuple(t.shape)}")
         if not t.is_floating_point():
             raise ValueError(f"{name} must be floating point, got {t.dtype}")
-        for what, a, b in (("shape", t.shape, first.shape), ("device", t.device, first.device),
-                           ("dtype", t.dtype, first.dtype)):
+        for what, a, b in (
+            ("shape", t.shape, first.shape),
+            ("device", t.device, first.device),
+            ("dtype", t.dtype, first.dtype),
+        ):
             if a != b:
-                raise ValueError(
-                    f"{name} has {what} {a} but {first_name} has {b}: all views must agree"
-                )
+                raise ValueError(f"{name} has {what} {a} but {first_name} has {b}: all views must agree")
     return first.shape[0], first.shape[1]
 
 
@@ -250,13 +242,20 @@ class NNSLoss(nn.Module):
 
     queue: FeatureQueue | None  # a submodule (add_module), None until built
 
-    def __init__(self, queue_size: int = 65536, dim: int | None = None, rank: int = 0,
-                 world_size: int = 1, impl: str = "auto", group=None, device=None, dtype=None):
+    def __init__(
+        self,
+        queue_size: int = 65536,
+        dim: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        impl: str = "auto",
+        group=None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(
-                f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}"
-            )
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         kernels.check_impl(impl)
         if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
             raise ValueError(f"queue_size must be an int >= 1, got {queue_size!r}")
@@ -287,8 +286,7 @@ class NNSLoss(nn.Module):
         loss = self._loss(queue, image_views, text_views, scale) if ready else None
         if to_enqueue is not None and self._defer:
             self._pending = to_enqueue.detach()
-        elif to_enqueue is not None and not queue.enqueue(to_enqueue, gather=self.world_size > 1,
-                                                        group=self.group):
+        elif to_enqueue is not None and not queue.enqueue(to_enqueue, gather=self.world_size > 1, group=self.group):
             nan = torch.full((), float("nan"), device=image_views[0].device)
             loss = nan if loss is None else loss + nan
         return loss
@@ -309,8 +307,7 @@ class NNSLoss(nn.Module):
         every rank: the rows are not checked again), else drop them."""
         pending, self._pending = self._pending, None
         if keep and pending is not None:
-            self._queue_for(pending).enqueue(pending, gather=self.world_size > 1, group=self.group,
-                                             assume_finite=True)
+            self._queue_for(pending).enqueue(pending, gather=self.world_size > 1, group=self.group, assume_finite=True)
 
     @staticmethod
     def _to_enqueue(enqueue, default: torch.Tensor):
@@ -319,9 +316,7 @@ class NNSLoss(nn.Module):
         if enqueue is False:
             return None
         if not isinstance(enqueue, torch.Tensor):
-            raise ValueError(
-                f"enqueue must be None, True, False or a tensor, got {type(enqueue).__name__}"
-            )
+            raise ValueError(f"enqueue must be None, True, False or a tensor, got {type(enqueue).__name__}")
         return enqueue
 
     def _queue_for(self, text: torch.Tensor) -> FeatureQueue:
@@ -329,9 +324,7 @@ class NNSLoss(nn.Module):
             dtype = text.dtype if self._dtype is None else self._dtype
             self.queue = FeatureQueue(self.queue_size, text.shape[1], text.device, dtype)
         if self.queue.dim != text.shape[1]:
-            raise ValueError(
-                f"features have dim {text.shape[1]}, the NNS queue holds dim {self.queue.dim}"
-            )
+            raise ValueError(f"features have dim {text.shape[1]}, the NNS queue holds dim {self.queue.dim}")
         if self.queue.rows.device != text.device:
             self.queue.to(text.device)
         if self.world_size > 1:
@@ -359,8 +352,7 @@ class NNSLoss(nn.Module):
         total = None
         for keys in self._neighbour_keys(queue, text_views, image_views[0].dtype):
             for image in image_views:
-                term = kernels.clip_loss(image, keys, scale, mode="rows", offset=offset,
-                                         out_dtype=out_dtype, impl=impl)
+                term = kernels.clip_loss(image, keys, scale, mode="rows", offset=offset, out_dtype=out_dtype, impl=impl)
                 total = term if total is None else total + term
         return cast(torch.Tensor, total) / (len(image_views) * len(text_views))
 
@@ -389,10 +381,8 @@ class NNSLoss(nn.Module):
         if self.queue is None and saved is not None:
             if saved.dim() != 2 or saved.shape[0] != self.queue_size:
                 raise ValueError(
-                    f"checkpoint queue has shape {tuple(saved.shape)}, "
-                    f"this loss queue_size {self.queue_size}"
+                    f"checkpoint queue has shape {tuple(saved.shape)}, this loss queue_size {self.queue_size}"
                 )
             dtype = saved.dtype if self._dtype is None else self._dtype
             self.queue = FeatureQueue(self.queue_size, saved.shape[1], saved.device, dtype)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-

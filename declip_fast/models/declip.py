@@ -182,14 +182,19 @@ class DeCLIP(nn.Module):
                 if mlm_targets is None:
                     out["mlm_logits"] = mlm_head(states[0], mlm_positions)
                 else:
-                    out["mlm_loss"], out["mlm_count"] = mlm_head.loss(states[0], mlm_positions, mlm_targets,
-                                                                      return_count=True)
+                    out["mlm_loss"], out["mlm_count"] = mlm_head.loss(
+                        states[0], mlm_positions, mlm_targets, return_count=True
+                    )
             out["text_features"] = [F.normalize(f, dim=-1) for f in features]
         return out
 
 
-def _encode_views(tower: VisionTransformer | ModifiedResNet | TextTransformer, views: list[torch.Tensor],
-                  fuse: bool | None = None, **kwargs):
+def _encode_views(
+    tower: VisionTransformer | ModifiedResNet | TextTransformer,
+    views: list[torch.Tensor],
+    fuse: bool | None = None,
+    **kwargs,
+):
     """The tower on each view; one concatenated forward when the tower allows it and ``fuse``
     (None: on accelerators, not on the CPU) says so.
 

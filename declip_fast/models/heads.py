@@ -96,8 +96,7 @@ class MLMHead(nn.Module):
         """Logits ``[K, vocab]`` for the K chosen positions of ``states [B, L, W]`` only."""
         return self.decoder(self._transform(states, positions))
 
-    def loss(self, states: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
-             return_count: bool = False):
+    def loss(self, states: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor, return_count: bool = False):
         """Mean cross-entropy at the chosen positions, without storing their ``[K, vocab]`` logits
         (``kernels.linear_cross_entropy``): equal to ``F.cross_entropy(self(states, positions),
         targets)`` with ``ignore_index=-100``, in ~half the time on the CPU and a fraction of the

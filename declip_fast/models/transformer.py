@@ -90,9 +90,7 @@ class Transformer(nn.Module):
         self.width, self.layers = width, layers
         self.grad_checkpointing = False
         self.resblocks = nn.ModuleList(
-            ResidualAttentionBlock(
-                width, heads, mlp_ratio=mlp_ratio, act=act, causal=causal, attn_backend=attn_backend
-            )
+            ResidualAttentionBlock(width, heads, mlp_ratio=mlp_ratio, act=act, causal=causal, attn_backend=attn_backend)
             for _ in range(layers)
         )
         self.reset_parameters()

@@ -61,6 +61,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from declip_fast.distributed import env, manifest
+
 # The folder layout and the model-only reading live below train (eval reads checkpoints too).
 from declip_fast.distributed.checkpoint_format import (  # noqa: F401  (re-exported)
     _NAME,
@@ -74,11 +75,21 @@ from declip_fast.distributed.checkpoint_format import (  # noqa: F401  (re-expor
 from declip_fast.distributed.checkpoint_format import single_process_is_intended as _single_process_is_intended
 from declip_fast.distributed.manifest import MANIFEST, CheckpointDamaged
 
-__all__ = ["COMPLETE", "MANIFEST", "STATE_FILE", "CheckpointDamaged", "Checkpointer", "RNGState", "check_complete",
-           "load_model_for_eval", "rng_state", "set_rng_state", "step_of"]
+__all__ = [
+    "COMPLETE",
+    "MANIFEST",
+    "STATE_FILE",
+    "CheckpointDamaged",
+    "Checkpointer",
+    "RNGState",
+    "check_complete",
+    "load_model_for_eval",
+    "rng_state",
+    "set_rng_state",
+    "step_of",
+]
 
-_PLAIN = (str, int, float, bool, bytes, type(None), torch.Tensor, torch.dtype, torch.device,
-          torch.Size)
+_PLAIN = (str, int, float, bool, bytes, type(None), torch.Tensor, torch.dtype, torch.device, torch.Size)
 
 
 _distributed, _rank, _world, _barrier = env.initialized, env.rank, env.world_size, env.barrier
@@ -242,8 +253,9 @@ class Checkpointer:
 
     # ------------------------------------------------------------------------- save
 
-    def save(self, step: int, model, optimizer, scheduler=None, extra: dict | None = None,
-             states: dict | None = None) -> Path:
+    def save(
+        self, step: int, model, optimizer, scheduler=None, extra: dict | None = None, states: dict | None = None
+    ) -> Path:
         """Write checkpoint ``step`` atomically (collective); returns its folder.
 
         ``states``: named stateful components (``state_dict()`` / ``load_state_dict()``: the
@@ -258,17 +270,23 @@ class Checkpointer:
             extra[name] = component.state_dict()
         if extra.get("step", step) != step:
             raise ValueError(f"extra['step']={extra['step']} but saving step {step}")
-        state = {"step": step, "world_size": _world(), "extra": extra,
-                 "scheduler": None if scheduler is None else scheduler.state_dict()}
+        state = {
+            "step": step,
+            "world_size": _world(),
+            "extra": extra,
+            "scheduler": None if scheduler is None else scheduler.state_dict(),
+        }
         _check_plain(state, "state")
         final = self.path_for(step)
         tmp = final.with_name(final.name + ".tmp")
         _on_rank0(lambda: self._fresh_dir(tmp), "preparing " + str(tmp))
         model_sd, optim_sd = get_state_dict(model, optimizer)
         with _single_process_is_intended():
-            dcp.save({"model": model_sd, "optim": optim_sd},
-                     storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True),
-                     no_dist=not _distributed())
+            dcp.save(
+                {"model": model_sd, "optim": optim_sd},
+                storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True),
+                no_dist=not _distributed(),
+            )
         _torch_save(RNGState().state_dict(), tmp / f"rng_rank{_rank()}.pt")
         if _rank() == 0:
             _torch_save(state, tmp / STATE_FILE)
@@ -306,10 +324,8 @@ class Checkpointer:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         target = {"model": model_sd, "optim": optim_sd}
         with _single_process_is_intended():
-            dcp.load(target, storage_reader=dcp.FileSystemReader(str(path)),
-                     no_dist=not _distributed())
-        set_state_dict(model, optimizer, model_state_dict=target["model"],
-                       optim_state_dict=target["optim"])
+            dcp.load(target, storage_reader=dcp.FileSystemReader(str(path)), no_dist=not _distributed())
+        set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"])
         if scheduler is not None:
             if state["scheduler"] is None:
                 raise ValueError(f"checkpoint {path} holds no scheduler state")

@@ -76,8 +76,10 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.steps < 1 or self.checkpoint_every < 1 or self.log_every < 1:
-            raise ValueError(f"steps, checkpoint_every and log_every must be >= 1, got "
-                             f"{self.steps}, {self.checkpoint_every}, {self.log_every}")
+            raise ValueError(
+                f"steps, checkpoint_every and log_every must be >= 1, got "
+                f"{self.steps}, {self.checkpoint_every}, {self.log_every}"
+            )
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.precision not in ("fp32", "bf16"):
@@ -90,6 +92,7 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------------- presets and overrides
+
 
 def preset_path(name_or_path: str | os.PathLike) -> Path:
     path = Path(name_or_path)
@@ -137,8 +140,12 @@ def upgrade_keys(values: dict) -> None:
     ``demo_data: DIR`` was the demo's data folder; the demo preset now names its files."""
     if "demo_data" in values:
         folder = values.pop("demo_data")
-        warnings.warn("the config key demo_data is deprecated: set data.beton, eval.data and eval.classes "
-                      "(configs/demo.yaml shows how)", FutureWarning, stacklevel=3)
+        warnings.warn(
+            "the config key demo_data is deprecated: set data.beton, eval.data and eval.classes "
+            "(configs/demo.yaml shows how)",
+            FutureWarning,
+            stacklevel=3,
+        )
         if folder is not None:
             data, ev = values.setdefault("data", {}), values.setdefault("eval", {})
             data["beton"] = f"{folder}/train.beton"
@@ -150,5 +157,14 @@ def save_config(train_config: TrainConfig, path: str | os.PathLike) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-__all__ = ["EvalConfig", "ModelConfig", "TrainConfig", "apply_override", "from_dict",
-           "load_config", "preset_path", "save_config", "to_dict"]
+__all__ = [
+    "EvalConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "apply_override",
+    "from_dict",
+    "load_config",
+    "preset_path",
+    "save_config",
+    "to_dict",
+]

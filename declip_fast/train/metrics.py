@@ -20,13 +20,30 @@ from pathlib import Path
 from declip_fast.atomic import atomic_write
 
 log = logging.getLogger(__name__)
-COLUMNS = ("step", "total", "lr", "logit_scale", "grad_norm", "images_per_s", "images_per_s_per_device",
-           "mfu", "data_wait", "skipped_steps")
+COLUMNS = (
+    "step",
+    "total",
+    "lr",
+    "logit_scale",
+    "grad_norm",
+    "images_per_s",
+    "images_per_s_per_device",
+    "mfu",
+    "data_wait",
+    "skipped_steps",
+)
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str | os.PathLike, terms: list[str], *, enabled: bool = True,
-                 tensorboard: bool = True, resume_step: int = 0):
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        terms: list[str],
+        *,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        resume_step: int = 0,
+    ):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.csv"
         self.columns = ["step", *terms, *COLUMNS[1:]]
@@ -44,6 +61,7 @@ class MetricsLogger:
                 w = csv.DictWriter(f, self.columns)
                 w.writeheader()
                 w.writerows(kept)
+
         atomic_write(self.path, rewrite)
         self._file = open(self.path, "a", newline="")
         self._csv = csv.DictWriter(self._file, self.columns, extrasaction="ignore")
@@ -106,6 +124,7 @@ def _rows_up_to(path: Path, step: int, columns: list[str]) -> list[dict]:
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """The CSV's rows with numbers parsed (empty cells: None)."""
+
     def num(text):
         if text in ("", None):
             return None
@@ -113,6 +132,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
             return int(text)
         except ValueError:
             return float(text)
+
     with open(path, newline="") as f:
         return [{k: num(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
@@ -169,8 +189,10 @@ def peak_flops(device) -> float | None:
 def model_flops_per_sample(model, need: dict) -> float | None:
     """~6 x parameters x tokens per tower and view (forward + backward matmuls; attention's
     quadratic part and the heads ignored): the MFU estimate's work per image-text pair; ViTs only."""
+
     def params(module):
         return sum(p.numel() for p in module.parameters())
+
     cfg = model.config
     patch = getattr(cfg.vision, "patch_size", None)
     if not patch:  # a ResNet: parameters x tokens does not describe a conv net; no estimate

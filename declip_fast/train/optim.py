@@ -64,8 +64,9 @@ class OptimConfig:
         check_number("optim.logit_scale_min", self.logit_scale_min)
         check_number("optim.logit_scale_max", self.logit_scale_max)
         if self.logit_scale_min > self.logit_scale_max:
-            raise ValueError(f"optim.logit_scale_min {self.logit_scale_min} is above optim.logit_scale_max "
-                             f"{self.logit_scale_max}")
+            raise ValueError(
+                f"optim.logit_scale_min {self.logit_scale_min} is above optim.logit_scale_max {self.logit_scale_max}"
+            )
         self.betas = tuple(float(b) for b in self.betas)
 
 

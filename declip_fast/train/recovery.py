@@ -79,9 +79,11 @@ class RecoveryMixin:
         else:
             candidates = list(reversed(self.checkpointer.complete()))
         if candidates and self._load_first_good(candidates, explicit=explicit) is None:
-            raise ConfigError(f"resume: no usable checkpoint in {self.checkpointer.dir}: the damaged ones "
-                              "were renamed to step_*.damaged; run again to start over, or resume=PATH "
-                              "from a copy")
+            raise ConfigError(
+                f"resume: no usable checkpoint in {self.checkpointer.dir}: the damaged ones "
+                "were renamed to step_*.damaged; run again to start over, or resume=PATH "
+                "from a copy"
+            )
 
     def _load_first_good(self, candidates, explicit=False, keep_counters=False):
         """Load the first candidate that verifies; returns its path (None: all were damaged)."""
@@ -91,19 +93,18 @@ class RecoveryMixin:
             except CheckpointDamaged as err:
                 if explicit:
                     raise ConfigError(f"resume: {one_line(err)}") from None
-                log.warning("%s; renamed to %s.damaged, using the previous checkpoint", one_line(err),
-                            Path(path).name)
+                log.warning("%s; renamed to %s.damaged, using the previous checkpoint", one_line(err), Path(path).name)
                 self._quarantine(Path(path))
                 continue
             saved = upgrade_extra(self.checkpointer.read_state(path)["extra"])["trainer"].get("config")
-            for change in check_resume(saved, resume_values(self.config, self.world),
-                                       self.config.allow_config_change, path):
+            for change in check_resume(
+                saved, resume_values(self.config, self.world), self.config.allow_config_change, path
+            ):
                 log.warning("resuming with a changed config (allowed): %s", change)
             try:
                 self._load(path, keep_counters=keep_counters)
             except (RuntimeError, ValueError, KeyError) as err:
-                raise ConfigError(f"resume: checkpoint {path} does not fit this config: "
-                                  f"{one_line(err)[:300]}") from err
+                raise ConfigError(f"resume: checkpoint {path} does not fit this config: {one_line(err)[:300]}") from err
             return path
         return None
 
@@ -131,21 +132,30 @@ class RecoveryMixin:
             candidates = [p for p in reversed(self.checkpointer.complete()) if step_of(p) <= step]
             path = self._load_first_good(candidates, keep_counters=True)
         if path is None:
-            why = (f"{cfg.max_rollbacks} roll-back(s) spent" if self.rollbacks > cfg.max_rollbacks
-                   else "no checkpoint to roll back to")
-            raise RunFailed(f"the run diverged: {streak} non-finite steps in a row at step {step}, and "
-                            f"{why} ({self.skipped} steps skipped in all); lower optim.lr (now "
-                            f"{cfg.optim.lr:g}) or set optim.grad_clip, then run again")
-        log.warning("rolled back to %s after %d non-finite steps in a row (roll-back %d of %d)", path,
-                    streak, self.rollbacks, cfg.max_rollbacks)
+            why = (
+                f"{cfg.max_rollbacks} roll-back(s) spent"
+                if self.rollbacks > cfg.max_rollbacks
+                else "no checkpoint to roll back to"
+            )
+            raise RunFailed(
+                f"the run diverged: {streak} non-finite steps in a row at step {step}, and "
+                f"{why} ({self.skipped} steps skipped in all); lower optim.lr (now "
+                f"{cfg.optim.lr:g}) or set optim.grad_clip, then run again"
+            )
+        log.warning(
+            "rolled back to %s after %d non-finite steps in a row (roll-back %d of %d)",
+            path,
+            streak,
+            self.rollbacks,
+            cfg.max_rollbacks,
+        )
         self.metrics.truncate(self.step_count)
         self.bad_in_a_row = 0
 
     # ----------------------------------------------------------------------------- checkpoint
 
     def save(self) -> None:
-        self.checkpointer.save(self.step_count, self.model, self.optimizer, self.scheduler,
-                               states=self.stateful())
+        self.checkpointer.save(self.step_count, self.model, self.optimizer, self.scheduler, states=self.stateful())
         self._saved_step = self.step_count
 
     def _save_if_sound(self, due: bool) -> None:
@@ -166,16 +176,23 @@ class RecoveryMixin:
         finally:
             self._rolling_back = False
         self._saved_step = self.step_count
-        log.info("resumed from %s at step %d (data: epoch %d, batch %d)", path, self.step_count,
-                 extra["loader"]["epoch"], extra["loader"]["batch"])
+        log.info(
+            "resumed from %s at step %d (data: epoch %d, batch %d)",
+            path,
+            self.step_count,
+            extra["loader"]["epoch"],
+            extra["loader"]["batch"],
+        )
 
     def _check_mostly_skipped(self) -> None:
         """A run whose steps were mostly skipped did not train: fail instead of reporting done."""
         run, bad = self._steps_run, self._steps_skipped_here
         if run and bad * 2 > run:
-            raise RunFailed(f"{bad} of the {run} steps run were skipped (non-finite loss or gradient): "
-                            f"the model is not trained; lower optim.lr (now {self.config.optim.lr:g}) or "
-                            "set optim.grad_clip")
+            raise RunFailed(
+                f"{bad} of the {run} steps run were skipped (non-finite loss or gradient): "
+                f"the model is not trained; lower optim.lr (now {self.config.optim.lr:g}) or "
+                "set optim.grad_clip"
+            )
 
 
 def upgrade_extra(extra: dict) -> dict:
@@ -183,8 +200,11 @@ def upgrade_extra(extra: dict) -> dict:
     written before the components kept their own state had one flat dict, read here too."""
     if "trainer" in extra:
         return extra
-    return {"trainer": {k: extra.get(k) for k in ("step", "skipped", "rollbacks", "config")},
-            "loader": {"epoch": extra["epoch"], "batch": extra["batch"]}, "loss": extra["loss"]}
+    return {
+        "trainer": {k: extra.get(k) for k in ("step", "skipped", "rollbacks", "config")},
+        "loader": {"epoch": extra["epoch"], "batch": extra["batch"]},
+        "loss": extra["loss"],
+    }
 
 
 __all__ = ["RecoveryMixin", "upgrade_extra"]

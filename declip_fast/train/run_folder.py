@@ -57,13 +57,19 @@ class RunFolderLock:
             f.seek(0)
             holder = f.read()
             f.close()
-            raise RunFolderBusy(f"run_dir {self.run_dir} is in use by another training run "
-                                f"({describe_holder(holder)}); wait for it to end, stop it, or "
-                                "choose another run_dir") from None
+            raise RunFolderBusy(
+                f"run_dir {self.run_dir} is in use by another training run "
+                f"({describe_holder(holder)}); wait for it to end, stop it, or "
+                "choose another run_dir"
+            ) from None
         f.seek(0)
         f.truncate()
-        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                            "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}) + "\n")
+        f.write(
+            json.dumps(
+                {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+            )
+            + "\n"
+        )
         f.flush()
         self._file = f
         return self
@@ -82,7 +88,7 @@ class RunFolderLock:
 
 
 def describe_holder(text: str) -> str:
-    """"pid 123 on host h, started 2026-01-01 10:00:00 +0000" from the lock file's content."""
+    """ "pid 123 on host h, started 2026-01-01 10:00:00 +0000" from the lock file's content."""
     try:
         info = json.loads(text)
         return f"pid {info['pid']} on host {info['host']}, started {info['started']}"

@@ -79,8 +79,12 @@ class Trainer(RecoveryMixin):
         """The trainer's own state (the model, optimizer, loader, loss and RNG give theirs):
         the step, the counters of what happened to the run, and the config values a resume is
         checked against (``declip_fast.train.validate.RESUME_KEYS``)."""
-        return {"step": self.step_count, "skipped": self.skipped, "rollbacks": self.rollbacks,
-                "config": resume_values(self.config, self.world)}
+        return {
+            "step": self.step_count,
+            "skipped": self.skipped,
+            "rollbacks": self.rollbacks,
+            "config": resume_values(self.config, self.world),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Back to ``state``'s step; ``skipped`` and ``rollbacks`` never decrease (a roll-back
@@ -132,15 +136,17 @@ class Trainer(RecoveryMixin):
             save_config(cfg, self.run_dir / "config.yaml")
         if cfg.data.beton is not None or cfg.data.source is not None:
             self._build_loader()
-        self.metrics = MetricsLogger(self.run_dir, self.terms, enabled=self.rank == 0,
-                                     tensorboard=cfg.tensorboard, resume_step=self.step_count)
+        self.metrics = MetricsLogger(
+            self.run_dir, self.terms, enabled=self.rank == 0, tensorboard=cfg.tensorboard, resume_step=self.step_count
+        )
 
     def _build_model(self) -> None:
         cfg = self.config
         torch.manual_seed(cfg.seed)  # the same full initial model on every rank
         model = presets.build(cfg.model.preset, device=self.device, **cfg.model.overrides)
-        self.loss_fn = DeCLIPLoss(cfg.loss, rank=self.rank, world_size=self.world,
-                                  embed_dim=model.config.embed_dim, device=self.device)
+        self.loss_fn = DeCLIPLoss(
+            cfg.loss, rank=self.rank, world_size=self.world, embed_dim=model.config.embed_dim, device=self.device
+        )
         self.loss_fn.defer_enqueue()  # enqueue after the step's one finite check (step)
         self.need = self.loss_fn.needs()
         if self.need["simsiam"] and model.projector is None:
@@ -148,8 +154,13 @@ class Trainer(RecoveryMixin):
         if self.need["mlm"] and model.mlm_head is None:
             raise ValueError(f"the loss needs the MLM head, but model preset {cfg.model.preset!r} has none")
         self.terms = [t for t, w in self.loss_fn.weights.items() if w]
-        fsdp.parallelize(model, precision=cfg.precision, compile=cfg.model.compile,
-                         checkpointing=cfg.model.grad_checkpointing, shard=self.world > 1)
+        fsdp.parallelize(
+            model,
+            precision=cfg.precision,
+            compile=cfg.model.compile,
+            checkpointing=cfg.model.grad_checkpointing,
+            shard=self.world > 1,
+        )
         self.model = model
         # One process in bf16: autocast (FSDP2's policy casts the parameters instead).
         self.autocast = cfg.precision == "bf16" and self.world == 1
@@ -162,8 +173,13 @@ class Trainer(RecoveryMixin):
         cfg = self.config
         data = cfg.data
         # What the loss does not use is not produced: no masked captions for CLIP alone.
-        data = dataclasses.replace(data, mlm=self.need["mlm"], two_views=self.need["image_views"] == 2,
-                                   eda=self.need["text_views"] == 2, seed=cfg.seed + data.seed)
+        data = dataclasses.replace(
+            data,
+            mlm=self.need["mlm"],
+            two_views=self.need["image_views"] == 2,
+            eda=self.need["text_views"] == 2,
+            seed=cfg.seed + data.seed,
+        )
         self.loader = build_loader(data, self.device)
 
     # ------------------------------------------------------------------------------------ step
@@ -214,8 +230,11 @@ class Trainer(RecoveryMixin):
             self.skipped += 1
             self._steps_skipped_here += 1
             self.bad_in_a_row += 1
-            log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)",
-                        self.step_count + 1, self.bad_in_a_row)
+            log.warning(
+                "step %d: non-finite loss or gradient; update skipped (%d in a row)",
+                self.step_count + 1,
+                self.bad_in_a_row,
+            )
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -262,9 +281,12 @@ class Trainer(RecoveryMixin):
             values = self.step(batch)
             elapsed = time.perf_counter() - start
             rate = global_batch / elapsed
-            values.update(images_per_s=rate, images_per_s_per_device=rate / self.world,
-                          data_wait=waited / elapsed,
-                          mfu=flops_per_sample * rate / (peak * self.world) if peak and flops_per_sample else None)
+            values.update(
+                images_per_s=rate,
+                images_per_s_per_device=rate / self.world,
+                data_wait=waited / elapsed,
+                mfu=flops_per_sample * rate / (peak * self.world) if peak and flops_per_sample else None,
+            )
             self.metrics.log(self.step_count, values)
             if progress is not None:
                 progress.update(1)
@@ -283,10 +305,14 @@ class Trainer(RecoveryMixin):
         if progress is not None:
             progress.close()
         self._check_mostly_skipped()
-        summary = {"status": status, "steps": self.step_count, "skipped_steps": self.skipped,
-                   "rollbacks": self.rollbacks,
-                   # Samples the loader could not decode (skipped and counted, never served).
-                   "skipped_samples": int(getattr(self.loader, "skipped", 0))}
+        summary = {
+            "status": status,
+            "steps": self.step_count,
+            "skipped_steps": self.skipped,
+            "rollbacks": self.rollbacks,
+            # Samples the loader could not decode (skipped and counted, never served).
+            "skipped_samples": int(getattr(self.loader, "skipped", 0)),
+        }
         if status == "done":
             summary["zeroshot"] = self.evaluate()
             self._finish_report(summary)
@@ -300,13 +326,13 @@ class Trainer(RecoveryMixin):
     def _progress(self):
         if self.rank != 0 or not self.config.progress:
             return None
-        return tqdm(total=self.config.steps, initial=self.step_count, desc="train", unit="step",
-                    dynamic_ncols=True)
+        return tqdm(total=self.config.steps, initial=self.step_count, desc="train", unit="step", dynamic_ncols=True)
 
     def _install_sigterm(self) -> None:
         def handler(signum, frame):
             self._stop_signal = signum
             log.warning("SIGTERM: saving a checkpoint after this step, then stopping")
+
         try:
             self._previous_handler = signal.signal(signal.SIGTERM, handler)
         except ValueError:  # not the main thread: leave signals alone

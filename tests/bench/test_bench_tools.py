@@ -29,17 +29,28 @@ def _env(**extra):
 
 
 def _suite(*args, **env):
-    return subprocess.run(["bash", "benchmarks/gpu_suite.sh", *args], cwd=REPO, env=_env(**env),
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        ["bash", "benchmarks/gpu_suite.sh", *args],
+        cwd=REPO,
+        env=_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     """A results file from the driver, with its report written next to it."""
     path = tmp_path_factory.mktemp("bench") / "results.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--json", str(path),
-                           "benchmarks/bench_clip_loss.py"],
-                          cwd=REPO, env=_env(BENCH_CLIP_LOSS_N="256"), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--json", str(path), "benchmarks/bench_clip_loss.py"],
+        cwd=REPO,
+        env=_env(BENCH_CLIP_LOSS_N="256"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return path, proc.stdout
 
@@ -74,8 +85,9 @@ def test_results_file_records_machine_and_tables(results):
         assert len(info["git_commit"]) == 40 and isinstance(info["git_dirty"], bool)
     entries = {e["params"]["impl"]: e for e in data["benchmarks"]}
     assert set(entries) == {"ours", "open_clip"}
-    assert all(e["extra_info"]["n"] == 256 and isinstance(e["extra_info"]["peak_extra_bytes"], int)
-               for e in entries.values())
+    assert all(
+        e["extra_info"]["n"] == 256 and isinstance(e["extra_info"]["peak_extra_bytes"], int) for e in entries.values()
+    )
     (table,) = [rows for name, rows in data["tables"].items() if name.startswith("ClipLoss")]
     assert table[0]["N"] == 256
     # The driver printed the one ratio table and wrote the report next to the file.
@@ -86,8 +98,13 @@ def test_results_file_records_machine_and_tables(results):
 @pytest.mark.slow
 def test_report_writes_table_and_plots(results, tmp_path):
     path, _ = results
-    proc = subprocess.run([sys.executable, "benchmarks/report.py", str(path), "--out", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/report.py", str(path), "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     info = json.loads(path.read_text())["machine_info"]
     md = (tmp_path / "results.md").read_text()
@@ -113,8 +130,12 @@ def test_lookup_plot_and_ratios(results, tmp_path):
             entry = copy.deepcopy(template)
             entry["fullname"] = f"benchmarks/bench_nn_lookup.py::test_nn_lookup[1024-{m}-128-{impl}]"
             entry["params"] = {"b": 1024, "m": m, "d": 128, "impl": impl}
-            entry["extra_info"] = {"impl": impl, "dtype": "float32", "median_s": seconds * m / 65536,
-                                   "peak_extra_bytes": extra}
+            entry["extra_info"] = {
+                "impl": impl,
+                "dtype": "float32",
+                "median_s": seconds * m / 65536,
+                "peak_extra_bytes": extra,
+            }
             lookups.append(entry)
     data["benchmarks"] = lookups
     (tmp_path / "lookup.json").write_text(json.dumps(data))
@@ -142,7 +163,8 @@ def test_report_refuses_other_files(tmp_path):
     not_json.write_text("hello")
     not_results.write_text(json.dumps({"bf16_matmul_tflops": 700.0}))
     for path in (not_json, not_results, tmp_path / "missing.json"):
-        proc = subprocess.run([sys.executable, "benchmarks/report.py", str(path)], cwd=REPO,
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            [sys.executable, "benchmarks/report.py", str(path)], cwd=REPO, capture_output=True, text=True, timeout=60
+        )
         assert proc.returncode != 0 and proc.stderr.startswith(f"report.py: {path}"), proc.stderr
         assert "Traceback" not in proc.stderr

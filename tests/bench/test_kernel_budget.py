@@ -42,8 +42,9 @@ def _forward_walk(m, n, d, e, bm, bn, p_r, p_c):
     return flops, exp2, l2
 
 
-@pytest.mark.parametrize("m, n, bm, bn", [(300, 300, 128, 64), (300, 500, 64, 128), (512, 512, 128, 64),
-                                          (200, 700, 128, 64)])
+@pytest.mark.parametrize(
+    "m, n, bm, bn", [(300, 300, 128, 64), (300, 500, 64, 128), (512, 512, 128, 64), (200, 700, 128, 64)]
+)
 def test_forward_counts_match_the_tile_walk(m, n, bm, bn):
     d, e = 96, 2
     p_r, p_c = plan_rectangles(kb.cdiv(m, 128), kb.cdiv(n, 128), 4, 32)
@@ -74,11 +75,14 @@ def _owner_walk(p, q, d, e, bp, bq, bd, splits):
     return flops, exp2, l2
 
 
-@pytest.mark.parametrize("p, q, d, bp, bq, bd, splits", [
-    (300, 300, 80, 64, 64, 32, 1),  # three chunks, the last 16 wide; rows past the edge
-    (300, 700, 80, 128, 64, 32, 3),  # split reduction: fp32 partials
-    (256, 128, 64, 64, 128, 256, 1),  # one chunk wider than D
-])
+@pytest.mark.parametrize(
+    "p, q, d, bp, bq, bd, splits",
+    [
+        (300, 300, 80, 64, 64, 32, 1),  # three chunks, the last 16 wide; rows past the edge
+        (300, 700, 80, 128, 64, 32, 3),  # split reduction: fp32 partials
+        (256, 128, 64, 64, 128, 256, 1),  # one chunk wider than D
+    ],
+)
 def test_owner_pass_counts_match_the_grid_walk(p, q, d, bp, bq, bd, splits):
     e = 2
     flops, exp2, l2 = _owner_walk(p, q, d, e, bp, bq, bd, splits)
@@ -120,33 +124,42 @@ def test_lookup_counts_match_the_grid_walk(b, m, bm, bn, splits):
 def test_atomic_design_count_matches_the_tile_walk():
     """One fp32 atomic per element of each tile's BM x D (dA) and BN x D (dB) contribution."""
     m, n, d, bm, bn = 300, 200, 40, 128, 64
-    walk = sum((_extent(i, bm, m) + _extent(j, bn, n)) * d
-               for i in range(kb.cdiv(m, bm)) for j in range(kb.cdiv(n, bn)))
+    walk = sum(
+        (_extent(i, bm, m) + _extent(j, bn, n)) * d for i in range(kb.cdiv(m, bm)) for j in range(kb.cdiv(n, bn))
+    )
     assert kb.atomic_design_atomics(m, n, d, bm, bn) == walk
 
 
-@pytest.mark.parametrize("registers, warps, shared, expected", [
-    # 228 -> 232 a thread x 256 threads = 59392 of 65536 registers: 1 (shared alone allows 3)
-    (228, 8, 73728, 1),
-    # 96 x 128 = 12288: 5 by registers; 233472 // (16384 + 1024) = 13 by shared memory
-    (96, 4, 16384, 5),
-    # 97 rounds up to 104: 104 x 128 = 13312 -> 4 (unrounded, 12416 would give 5)
-    (97, 4, 0, 4),
-    # 32 x 128 = 4096 -> 16 by registers; 233472 // 101024 = 2 by shared memory
-    (32, 4, 100000, 2),
-    # two programs of 113.5 KiB fit in 228 KiB only without each one's 1 KiB reserve
-    (32, 4, 116224, 1),
-    # 16 x 32 = 512 -> 128 by registers, 228 by shared memory: the 32-program cap
-    (16, 1, 0, 32),
-])
+@pytest.mark.parametrize(
+    "registers, warps, shared, expected",
+    [
+        # 228 -> 232 a thread x 256 threads = 59392 of 65536 registers: 1 (shared alone allows 3)
+        (228, 8, 73728, 1),
+        # 96 x 128 = 12288: 5 by registers; 233472 // (16384 + 1024) = 13 by shared memory
+        (96, 4, 16384, 5),
+        # 97 rounds up to 104: 104 x 128 = 13312 -> 4 (unrounded, 12416 would give 5)
+        (97, 4, 0, 4),
+        # 32 x 128 = 4096 -> 16 by registers; 233472 // 101024 = 2 by shared memory
+        (32, 4, 100000, 2),
+        # two programs of 113.5 KiB fit in 228 KiB only without each one's 1 KiB reserve
+        (32, 4, 116224, 1),
+        # 16 x 32 = 512 -> 128 by registers, 228 by shared memory: the 32-program cap
+        (16, 1, 0, 32),
+    ],
+)
 def test_programs_per_sm_by_hand(registers, warps, shared, expected):
     assert kb.programs_per_sm(registers, warps, shared) == expected
 
 
-@pytest.mark.parametrize("work, binds", [
-    (dict(flops=1000), "matmul"), (dict(hbm_bytes=1000), "HBM"),
-    (dict(l2_bytes=1000), "L2"), (dict(exp2=1000), "exp2"),
-])
+@pytest.mark.parametrize(
+    "work, binds",
+    [
+        (dict(flops=1000), "matmul"),
+        (dict(hbm_bytes=1000), "HBM"),
+        (dict(l2_bytes=1000), "L2"),
+        (dict(exp2=1000), "exp2"),
+    ],
+)
 def test_roofline_names_the_binding_resource(work, binds):
     machine = kb.Machine(matmul=100.0, hbm=10.0, l2=20.0, exp2=5.0)
     # Everything else costs 1 s on its resource; the one in ``work`` costs 10 s or more.
@@ -172,10 +185,15 @@ class _Capture:
         return lambda *args, **kwargs: self.launches.append((grid, args))
 
 
-@pytest.mark.parametrize("n, d, b, m", [
-    (32768, 512, 4096, 65536), (1024, 64, 256, 2048), (300, 1000, 100, 70),
-    (3840, 64, 512, 4096),  # 30 x 30 forward rectangles
-])
+@pytest.mark.parametrize(
+    "n, d, b, m",
+    [
+        (32768, 512, 4096, 65536),
+        (1024, 64, 256, 2048),
+        (300, 1000, 100, 70),
+        (3840, 64, 512, 4096),  # 30 x 30 forward rectangles
+    ],
+)
 def test_launch_plan_is_the_launchers(monkeypatch, n, d, b, m):
     """What launch_plan assumes equals what the host launchers pick on a 132-SM GPU: the
     forward's grid, the backward's split count (the shape of its output) and the lookup's."""
@@ -208,8 +226,12 @@ def _expected_rows(n, d, b, m, dtype):
 
     specs = contrastive_specs(n, d, dtype)
     backward = sum(s["kernel"] == "_bwd_kernel" for s in specs)
-    return {"forward": len(specs) - backward, "backward rows": backward,
-            "backward columns": backward, "lookup": len(lookup_specs(b, m, d, dtype))}
+    return {
+        "forward": len(specs) - backward,
+        "backward rows": backward,
+        "backward columns": backward,
+        "lookup": len(lookup_specs(b, m, d, dtype)),
+    }
 
 
 def _check_output(out, data, expected, built):
@@ -229,8 +251,24 @@ def _check_output(out, data, expected, built):
 def test_main_without_compile(tmp_path, capsys):
     n, d, b, m = 1024, 64, 256, 2048
     path = tmp_path / "budget.json"
-    assert kb.main(["--n", str(n), "--d", str(d), "--lookup-b", str(b), "--lookup-m", str(m),
-                    "--no-compile", "--json", str(path)]) == 0
+    assert (
+        kb.main(
+            [
+                "--n",
+                str(n),
+                "--d",
+                str(d),
+                "--lookup-b",
+                str(b),
+                "--lookup-m",
+                str(m),
+                "--no-compile",
+                "--json",
+                str(path),
+            ]
+        )
+        == 0
+    )
     data = json.loads(path.read_text())
     _check_output(capsys.readouterr().out, data, _expected_rows(n, d, b, m, "bfloat16"), built=False)
     # D = 64: one chunk per pass (BD narrowed to 64), so 2 + 4 + 4 N^2 D.
@@ -241,8 +279,25 @@ def test_main_without_compile(tmp_path, capsys):
 def test_main_end_to_end_with_the_sm90_build(tmp_path, capsys):
     n, d, b, m = 1024, 64, 256, 2048
     path = tmp_path / "budget.json"
-    assert kb.main(["--n", str(n), "--d", str(d), "--lookup-b", str(b), "--lookup-m", str(m),
-                    "--dtype", "float16", "--json", str(path)]) == 0
+    assert (
+        kb.main(
+            [
+                "--n",
+                str(n),
+                "--d",
+                str(d),
+                "--lookup-b",
+                str(b),
+                "--lookup-m",
+                str(m),
+                "--dtype",
+                "float16",
+                "--json",
+                str(path),
+            ]
+        )
+        == 0
+    )
     data = json.loads(path.read_text())
     out = capsys.readouterr().out
     _check_output(out, data, _expected_rows(n, d, b, m, "float16"), built=True)

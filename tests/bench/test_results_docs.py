@@ -16,8 +16,9 @@ TRAIN, TEST = 256, 64  # demo pairs for the smoke run
 
 
 def test_readme_sections_match_committed_results():
-    proc = subprocess.run([sys.executable, "benchmarks/readme.py", "--check"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/readme.py", "--check"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -29,8 +30,9 @@ def test_readme_render_replaces_only_between_markers(tmp_path):
 
 
 def test_summary_mean_and_spread():
-    runs = [{"method": "clip", "fraction": 0.5, "seed": s, "top1": t, "top5": 0.9}
-            for s, t in enumerate([0.2, 0.4, 0.9])]
+    runs = [
+        {"method": "clip", "fraction": 0.5, "seed": s, "top1": t, "top5": 0.9} for s, t in enumerate([0.2, 0.4, 0.9])
+    ]
     (row,) = data_efficiency.summarize(runs)
     assert row["seeds"] == 3 and row["top1_min"] == 0.2 and row["top1_max"] == 0.9
     assert row["top1_mean"] == pytest.approx(0.5)
@@ -51,9 +53,26 @@ def test_data_efficiency_smoke(tmp_path, demo_data):
     # Two 2-step runs (CLIP and DeCLIP on 5% of the pairs, one seed): the files appear, each run
     # trained on its subset of the small demo folder (used as it is, not rebuilt at full size),
     # and a second call reads the runs back instead of retraining.
-    args = ["--steps", "2", "--seeds", "0", "--fractions", "0.05", "--work", str(tmp_path / "runs"),
-            "--out", str(tmp_path / "out"), "--demo-data", str(demo_data), "--name", "smoke",
-            "--set", "data.batch_size=8", "data.num_workers=1", "loss.queue_size=64"]
+    args = [
+        "--steps",
+        "2",
+        "--seeds",
+        "0",
+        "--fractions",
+        "0.05",
+        "--work",
+        str(tmp_path / "runs"),
+        "--out",
+        str(tmp_path / "out"),
+        "--demo-data",
+        str(demo_data),
+        "--name",
+        "smoke",
+        "--set",
+        "data.batch_size=8",
+        "data.num_workers=1",
+        "loss.queue_size=64",
+    ]
     result = data_efficiency.main(args)
     assert [(r["method"], r["fraction"], r["seed"]) for r in result["runs"]] == [("clip", 0.05, 0), ("declip", 0.05, 0)]
     for r in result["runs"]:

@@ -32,8 +32,7 @@ def write_beton(path, images, captions):
     from ffcv.writer import DatasetWriter
 
     tokens = tokenize(captions).numpy().astype(np.int32)
-    eda_tokens = np.stack([tokenize(_eda_variants(c, i)).numpy().astype(np.int32)
-                           for i, c in enumerate(captions)])
+    eda_tokens = np.stack([tokenize(_eda_variants(c, i)).numpy().astype(np.int32) for i, c in enumerate(captions)])
 
     class Rows:
         def __len__(self):
@@ -42,8 +41,12 @@ def write_beton(path, images, captions):
         def __getitem__(self, i):
             return images[i], tokens[i], eda_tokens[i], i
 
-    fields = {"image": RGBImageField(write_mode="jpg"), "tokens": NDArrayField(np.dtype("int32"), (77,)),
-              "eda_tokens": NDArrayField(np.dtype("int32"), (4, 77)), "index": IntField()}
+    fields = {
+        "image": RGBImageField(write_mode="jpg"),
+        "tokens": NDArrayField(np.dtype("int32"), (77,)),
+        "eda_tokens": NDArrayField(np.dtype("int32"), (4, 77)),
+        "index": IntField(),
+    }
     DatasetWriter(str(path), fields, num_workers=1).from_indexed_dataset(Rows())
     return eda_tokens
 
@@ -65,6 +68,11 @@ def build_pairs(root):
         writer.writerow(["image", "caption"])
         writer.writerows([(f"{i}.jpg", c) for i, c in enumerate(captions_)])
     eda_tokens = write_beton(root / "data.beton", images, captions_)
-    return {"root": root, "beton": str(root / "data.beton"), "csv": str(root / "pairs.csv"),
-            "captions": captions_, "tokens": tokenize(captions_),
-            "eda_tokens": torch.from_numpy(eda_tokens).long()}
+    return {
+        "root": root,
+        "beton": str(root / "data.beton"),
+        "csv": str(root / "pairs.csv"),
+        "captions": captions_,
+        "tokens": tokenize(captions_),
+        "eda_tokens": torch.from_numpy(eda_tokens).long(),
+    }

@@ -37,7 +37,7 @@ def _photo(h, w, seed):
 
 
 def _reference(image, top, left, height, width, out_h, out_w, flip):
-    crop = torch.from_numpy(image[top:top + height, left:left + width]).permute(2, 0, 1)[None].double()
+    crop = torch.from_numpy(image[top : top + height, left : left + width]).permute(2, 0, 1)[None].double()
     ref = F.interpolate(crop, size=(out_h, out_w), mode="bilinear", antialias=True, align_corners=False)
     ref = ref[0].permute(1, 2, 0).clamp(0, 255).numpy()
     return ref[:, ::-1] if flip else ref
@@ -45,10 +45,15 @@ def _reference(image, top, left, height, width, out_h, out_w, flip):
 
 # (image h, w, crop top, left, height, width, output h, w): downscales by non-integer factors,
 # upscales, a crop at the far corner, a 1-px-wide crop, a 14x downscale, a non-square output.
-CROPS = [(375, 500, 20, 31, 300, 410, 224, 224), (375, 500, 100, 200, 90, 120, 224, 224),
-         (97, 61, 0, 0, 97, 61, 224, 224), (375, 500, 200, 380, 175, 120, 64, 64),
-         (50, 40, 10, 39, 30, 1, 16, 16), (512, 480, 0, 0, 512, 480, 36, 36),
-         (300, 300, 7, 5, 250, 260, 48, 80)]
+CROPS = [
+    (375, 500, 20, 31, 300, 410, 224, 224),
+    (375, 500, 100, 200, 90, 120, 224, 224),
+    (97, 61, 0, 0, 97, 61, 224, 224),
+    (375, 500, 200, 380, 175, 120, 64, 64),
+    (50, 40, 10, 39, 30, 1, 16, 16),
+    (512, 480, 0, 0, 512, 480, 36, 36),
+    (300, 300, 7, 5, 250, 260, 48, 80),
+]
 
 
 @pytest.mark.parametrize("case", CROPS)
@@ -94,8 +99,8 @@ def _layouts(n=6, h=30, w=26, seed=0):
     pair = torch.randint(0, 256, (n, 2, h, w, 3), generator=gen, dtype=torch.uint8)
     ffcv_view = pair[:, 1].permute(0, 3, 1, 2)
     big = torch.zeros(n, 3, h + 5, w + 7, dtype=torch.uint8)
-    big[:, :, 2:2 + h, 3:3 + w] = ffcv_view
-    return {"ffcv": ffcv_view, "nchw": ffcv_view.contiguous(), "strided": big[:, :, 2:2 + h, 3:3 + w]}
+    big[:, :, 2 : 2 + h, 3 : 3 + w] = ffcv_view
+    return {"ffcv": ffcv_view, "nchw": ffcv_view.contiguous(), "strided": big[:, :, 2 : 2 + h, 3 : 3 + w]}
 
 
 def _torch_path(monkeypatch, images, gen, cfg):
@@ -105,9 +110,15 @@ def _torch_path(monkeypatch, images, gen, cfg):
 
 
 @pytest.mark.parametrize("layout", ["ffcv", "nchw", "strided", "float"])
-@pytest.mark.parametrize("cfg", [A.AugmentConfig(), A.AugmentConfig(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0),
-                                 A.AugmentConfig(jitter_p=1.0, grayscale_p=0.5, blur_p=1.0)],
-                         ids=["moco", "none", "all"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        A.AugmentConfig(),
+        A.AugmentConfig(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0),
+        A.AugmentConfig(jitter_p=1.0, grayscale_p=0.5, blur_p=1.0),
+    ],
+    ids=["moco", "none", "all"],
+)
 def test_numba_augment_equals_the_torch_path(monkeypatch, layout, cfg):
     images = _layouts()["ffcv" if layout == "float" else layout]
     if layout == "float":
@@ -144,5 +155,6 @@ def test_augment_outside_the_numba_kernels_falls_back_to_torch():
     images = _layouts()["nchw"]
     assert not augment_cpu.available(images.half())
     cfg = A.AugmentConfig(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
-    torch.testing.assert_close(A.augment(images.half() / 255, None, cfg), A.augment(images, None, cfg),
-                               atol=2e-3, rtol=0)  # fp16 input carries ~1e-3 relative error
+    torch.testing.assert_close(
+        A.augment(images.half() / 255, None, cfg), A.augment(images, None, cfg), atol=2e-3, rtol=0
+    )  # fp16 input carries ~1e-3 relative error

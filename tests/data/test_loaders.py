@@ -195,8 +195,14 @@ def test_fused_decoder_views_are_torchvisions_resize_of_the_image(gradients, com
 
     Compiler.set_enabled(compiled)
     try:
-        batches = _epoch(gradients, "ffcv", crop_scale=(1.0, 1.0), mlm=False, eda=False,
-                         augment=A.AugmentConfig(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0))
+        batches = _epoch(
+            gradients,
+            "ffcv",
+            crop_scale=(1.0, 1.0),
+            mlm=False,
+            eda=False,
+            augment=A.AugmentConfig(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0),
+        )
     finally:
         Compiler.set_enabled(False)
     views = 255 * _unnormalize(torch.cat([_cat(batches, "images_1"), _cat(batches, "images_2")]))
@@ -238,8 +244,9 @@ def test_fallback_text_2_is_an_eda_view_of_the_caption(data):
     seed = 3
     batches = _epoch(data, "torch", seed=seed)
     index, text_2 = _cat(batches, "index"), _cat(batches, "text_2")
-    expected = tokenize([eda(data["captions"][i], random.Random(L.epoch_seed(seed, 0, i, EDA_STREAM)))
-                         for i in index.tolist()])
+    expected = tokenize(
+        [eda(data["captions"][i], random.Random(L.epoch_seed(seed, 0, i, EDA_STREAM))) for i in index.tolist()]
+    )
     assert torch.equal(text_2, expected)
     assert not torch.equal(text_2, data["tokens"][index]), "EDA must change some captions"
 
@@ -315,8 +322,9 @@ def _rank_worker(rank, port, out_dir, beton):
         out = {}
         # Rank and world size from the process group, not the config. FFCV only: the fallback
         # reads them through the same rank_and_world(), and its workers would slow this down.
-        cfg = L.DataConfig(beton=beton, backend="ffcv", batch_size=BATCH, image_size=SIZE,
-                           num_workers=1, seed=5, eda=False)
+        cfg = L.DataConfig(
+            beton=beton, backend="ffcv", batch_size=BATCH, image_size=SIZE, num_workers=1, seed=5, eda=False
+        )
         loader = L.build_loader(cfg, "cpu")
         out = [_cat(list(loader), "index") for _ in range(2)]
         order = [L.shard_order(N, 5, epoch, rank, 2, True) for epoch in range(2)]
@@ -342,15 +350,16 @@ def test_process_group_ranks_cover_every_sample_once(data, tmp_path):
 def test_fallback_skips_and_counts_corrupt_images(data, tmp_path, caplog):
     rows = [(os.path.join(data["root"], f"{i}.jpg"), c) for i, c in enumerate(data["captions"])]
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg at all")
-    good = (tmp_path / "cut.jpg")
+    good = tmp_path / "cut.jpg"
     good.write_bytes((data["root"] / "5.jpg").read_bytes()[:40])  # truncated
     rows[7] = (str(tmp_path / "broken.jpg"), rows[7][1])
     rows[9] = (str(good), rows[9][1])
     rows[11] = (str(tmp_path / "missing.jpg"), rows[11][1])
     with open(tmp_path / "pairs.csv", "w", newline="") as f:
         csv.writer(f).writerows(rows)
-    cfg = L.DataConfig(source=str(tmp_path / "pairs.csv"), backend="torch", batch_size=BATCH,
-                       image_size=SIZE, num_workers=2)
+    cfg = L.DataConfig(
+        source=str(tmp_path / "pairs.csv"), backend="torch", batch_size=BATCH, image_size=SIZE, num_workers=2
+    )
     loader = L.build_loader(cfg, "cpu")
     with caplog.at_level(logging.WARNING):
         batches = list(loader)
@@ -368,8 +377,10 @@ def test_fallback_skips_and_counts_captions_that_are_not_utf8(data, tmp_path, ca
     bad bytes arrive as lone surrogates (it is read with surrogateescape), a .txt's as bytes."""
     bad = {3: "caf\xe9 au lait".encode("latin-1"), 20: b"\xff\xfe\x00 not text"}
     if source == "table":
-        lines = [f"{os.path.join(data['root'], f'{i}.jpg')},".encode() + (bad.get(i) or c.encode()) + b"\n"
-                 for i, c in enumerate(data["captions"])]
+        lines = [
+            f"{os.path.join(data['root'], f'{i}.jpg')},".encode() + (bad.get(i) or c.encode()) + b"\n"
+            for i, c in enumerate(data["captions"])
+        ]
         (tmp_path / "pairs.csv").write_bytes(b"".join(lines))
         path = str(tmp_path / "pairs.csv")
     else:  # names sort in row order
@@ -377,8 +388,7 @@ def test_fallback_skips_and_counts_captions_that_are_not_utf8(data, tmp_path, ca
             (tmp_path / f"{i:02d}.jpg").write_bytes((data["root"] / f"{i}.jpg").read_bytes())
             (tmp_path / f"{i:02d}.txt").write_bytes(bad.get(i) or c.encode())
         path = str(tmp_path)
-    cfg = L.DataConfig(source=path, backend="torch", batch_size=BATCH, image_size=SIZE, num_workers=2,
-                       mlm=False)
+    cfg = L.DataConfig(source=path, backend="torch", batch_size=BATCH, image_size=SIZE, num_workers=2, mlm=False)
     loader = L.build_loader(cfg, "cpu")
     with caplog.at_level(logging.WARNING):
         batches = list(loader)
@@ -426,7 +436,7 @@ def test_augment_probabilities_over_many_samples():
     out = _unnormalize(A.augment(images, gen))
     gray = (out.amax(1) - out.amin(1)).amax((1, 2)) < 1e-4
     assert abs(gray.float().mean().item() - 0.2) < 0.03  # 0.2 +- ~5 sigma
-    plain = ((images.float() / 255 - MEAN) / STD)
+    plain = (images.float() / 255 - MEAN) / STD
     only_jitter = A.AugmentConfig(grayscale_p=0.0, blur_p=0.0)
     changed = (A.augment(images, gen, only_jitter) - plain).abs().amax((1, 2, 3)) > 1e-4
     assert abs(changed.float().mean().item() - 0.8) < 0.03
@@ -455,10 +465,12 @@ def test_single_jitter_ops_match_torchvision(op):
     # Re-draw the same factors: the draw order is p's (3 + sigma), then brightness, contrast, saturation.
     gen = torch.Generator().manual_seed(1)
     [torch.rand(32, generator=gen) for _ in range(4)]
-    factors = {name: 1 + 0.4 * (2 * torch.rand(32, generator=gen) - 1)
-               for name in ("brightness", "contrast", "saturation")}
-    ref_op = {"brightness": TF.adjust_brightness, "contrast": TF.adjust_contrast,
-              "saturation": TF.adjust_saturation}[op]
+    factors = {
+        name: 1 + 0.4 * (2 * torch.rand(32, generator=gen) - 1) for name in ("brightness", "contrast", "saturation")
+    }
+    ref_op = {"brightness": TF.adjust_brightness, "contrast": TF.adjust_contrast, "saturation": TF.adjust_saturation}[
+        op
+    ]
     ref = torch.stack([ref_op(img, f.item()) for img, f in zip(images, factors[op])])
     # One op alone clamps once in both. torchvision's luma weights are 0.2989 / 0.587 / 0.114,
     # ours ITU-R 601's 0.299 (rows summing to 1): that 1e-4 is the whole difference.
@@ -470,8 +482,9 @@ def _hsv_hue(rgb):
     top, arg = rgb.max(-1)
     chroma = (top - rgb.min(-1).values).clamp_min(1e-8)
     r, g, b = rgb.unbind(-1)
-    sextant = torch.where(arg == 0, ((g - b) / chroma) % 6,
-                          torch.where(arg == 1, (b - r) / chroma + 2, (r - g) / chroma + 4))
+    sextant = torch.where(
+        arg == 0, ((g - b) / chroma) % 6, torch.where(arg == 1, (b - r) / chroma + 2, (r - g) / chroma + 4)
+    )
     return sextant / 6
 
 

@@ -121,7 +121,7 @@ def test_resume_does_not_load_the_skipped_batches(data, monkeypatch):
     full = _cat(list(ffcv), "index").tolist()
     ffcv.set_epoch(0, 6)
     assert len(list(ffcv)) == BATCHES - 6
-    assert orders == [full, full[6 * BATCH:]], "FFCV's order itself starts at batch 6"
+    assert orders == [full, full[6 * BATCH :]], "FFCV's order itself starts at batch 6"
 
     loaded = []
     load_rgb = torch_loader.load_rgb
@@ -164,8 +164,7 @@ def test_batch_views_draw_per_batch_not_per_sequence():
     keys = {"images_1", "images_2", "text_1", "mlm_targets", "index"}
     _assert_same([batch(views, 0, 5)], [direct], keys)
     _assert_same([batch(L.BatchViews(cfg, torch.device("cpu"), rank=0), 0, 5)], [direct], keys)
-    for other in (batch(views, 0, 6), batch(views, 1, 5),
-                  batch(L.BatchViews(cfg, torch.device("cpu"), rank=1), 0, 5)):
+    for other in (batch(views, 0, 6), batch(views, 1, 5), batch(L.BatchViews(cfg, torch.device("cpu"), rank=1), 0, 5)):
         assert not torch.equal(other["images_1"], direct["images_1"])
         assert not torch.equal(other["mlm_targets"], direct["mlm_targets"])
 

@@ -25,7 +25,12 @@ from declip_fast.cli import main  # noqa: E402
 from declip_fast.data import write  # noqa: E402
 from declip_fast.data.tokenizer import tokenize  # noqa: E402
 from declip_fast.data.write import (  # noqa: E402
-    CONTEXT_LENGTH, EDA_VARIANTS, WriteConfig, eda_variants, write_dataset)
+    CONTEXT_LENGTH,
+    EDA_VARIANTS,
+    WriteConfig,
+    eda_variants,
+    write_dataset,
+)
 
 SMALL_PAGE = 1 << 21  # FFCV's smallest page: 2 MiB files instead of 16 MiB
 JPEG_MAD = 2.5  # mean |difference| (0..255) q90 JPEG + filter leave on these smooth images; measured <= 1.1
@@ -69,8 +74,14 @@ def read_beton(path) -> list[dict]:
         assert image.shape[:2] == (row["f0"]["height"], row["f0"]["width"])
         tokens = raw[int(row["f1"]) :][: CONTEXT_LENGTH * 4].view(np.int32)
         eda = raw[int(row["f2"]) :][: EDA_VARIANTS * CONTEXT_LENGTH * 4].view(np.int32)
-        samples.append({"image": image, "tokens": tokens, "index": int(row["f3"]),
-                        "eda_tokens": eda.reshape(EDA_VARIANTS, CONTEXT_LENGTH)})
+        samples.append(
+            {
+                "image": image,
+                "tokens": tokens,
+                "index": int(row["f3"]),
+                "eda_tokens": eda.reshape(EDA_VARIANTS, CONTEXT_LENGTH),
+            }
+        )
     return samples
 
 
@@ -100,7 +111,7 @@ def test_csv_round_trip_with_header_relative_and_absolute_paths(tmp_path):
         image = make_image(i, 24 + 4 * i, 20 + 3 * i)  # up to 60 x 47: most get shrunk to 32
         path = save(image, tmp_path / "img" / f"{i}.png")
         caption = f"a photo of a small red car, number {i}, parked near the old bridge"
-        lines.append(f"{path if i % 3 == 0 else Path('img') / path.name},\"{caption}\"")
+        lines.append(f'{path if i % 3 == 0 else Path("img") / path.name},"{caption}"')
         expected.append((image, caption, i))
     (tmp_path / "pairs.csv").write_text("\n".join(lines) + "\n")
     summary = write_dataset(tmp_path / "pairs.csv", tmp_path / "out.beton", config(workers=2, chunk_size=3))
@@ -123,7 +134,8 @@ def test_headerless_tsv_and_identical_files_whatever_the_worker_count(tmp_path):
     assert one.written == two.written == 9
     assert (tmp_path / "one.beton").read_bytes() == (tmp_path / "two.beton").read_bytes()
     assert tokenize("a dog running on the beach at sunset 0").numpy().ravel().tolist() == (
-        read_beton(tmp_path / "one.beton")[0]["tokens"].tolist())
+        read_beton(tmp_path / "one.beton")[0]["tokens"].tolist()
+    )
 
 
 def test_folder_source_recursive_with_unpaired_files(tmp_path):
@@ -141,7 +153,9 @@ def test_folder_source_recursive_with_unpaired_files(tmp_path):
     summary = write_dataset(root, tmp_path / "out.beton", config())
     check_pairs(read_beton(tmp_path / "out.beton"), expected)
     assert sorted((Path(s.source).name, s.reason) for s in summary.skips) == [
-        ("lonely", "missing caption"), ("orphan", "missing image")]
+        ("lonely", "missing caption"),
+        ("orphan", "missing image"),
+    ]
 
 
 def make_shard(path: Path, samples) -> None:
@@ -149,8 +163,11 @@ def make_shard(path: Path, samples) -> None:
         for key, image, caption in samples:
             jpeg = io.BytesIO()
             Image.fromarray(image).save(jpeg, format="JPEG", quality=95)
-            for name, data in ((f"{key}.jpg", jpeg.getvalue()), (f"{key}.txt", caption.encode()),
-                               (f"{key}.json", b"{}")):
+            for name, data in (
+                (f"{key}.jpg", jpeg.getvalue()),
+                (f"{key}.txt", caption.encode()),
+                (f"{key}.json", b"{}"),
+            ):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
@@ -169,8 +186,9 @@ def test_webdataset_shards_folder_and_single_tar(tmp_path):
     check_pairs(read_beton(tmp_path / "all.beton"), expected)
     single = write_dataset(shards / "00001.tar", tmp_path / "one.beton", config())
     assert single.written == 4
-    np.testing.assert_array_equal(read_beton(tmp_path / "one.beton")[0]["tokens"],
-                                  tokenize("shard 1 sample 0").numpy()[0])
+    np.testing.assert_array_equal(
+        read_beton(tmp_path / "one.beton")[0]["tokens"], tokenize("shard 1 sample 0").numpy()[0]
+    )
 
 
 def test_cut_tar_shard_keeps_complete_samples(tmp_path):
@@ -180,8 +198,9 @@ def test_cut_tar_shard_keeps_complete_samples(tmp_path):
         members = {m.name: m for m in tar}
     k1_jpg, k1_txt = members["k1.jpg"], members["k1.txt"]
     # a download cut inside k1's image (its caption never arrives), or inside k1's caption
-    for n, (cut, reason) in enumerate([(k1_jpg.offset_data + k1_jpg.size // 2, "missing caption"),
-                                       (k1_txt.offset_data + 4, "truncated caption")]):
+    for n, (cut, reason) in enumerate(
+        [(k1_jpg.offset_data + k1_jpg.size // 2, "missing caption"), (k1_txt.offset_data + 4, "truncated caption")]
+    ):
         (tmp_path / f"cut{n}").mkdir()
         (tmp_path / f"cut{n}" / "s.tar").write_bytes(data[:cut])
         summary = write_dataset(tmp_path / f"cut{n}", tmp_path / f"out{n}.beton", config())
@@ -203,24 +222,51 @@ def corrupt_source(tmp_path: Path) -> tuple[Path, dict, list[str]]:
     (tmp_path / "empty.jpg").write_bytes(b"")
     (tmp_path / "text.jpg").write_text("this is not an image at all")
     save(make_image(3), tmp_path / "png_named.jpg", fmt="PNG")  # wrong extension, fine content
-    rows = [(good, b"a good caption"), (tmp_path / "truncated.jpg", b"cut jpeg"),
-            (tmp_path / "empty.jpg", b"zero bytes"), (tmp_path / "missing.jpg", b"no such file"),
-            (tmp_path / "text.jpg", b"not an image"), (tmp_path / "png_named.jpg", b"a png named jpg"),
-            (good, b"caf\xe9 latin-1 bytes"), (good, b""), (good, b"   \t ")]
+    rows = [
+        (good, b"a good caption"),
+        (tmp_path / "truncated.jpg", b"cut jpeg"),
+        (tmp_path / "empty.jpg", b"zero bytes"),
+        (tmp_path / "missing.jpg", b"no such file"),
+        (tmp_path / "text.jpg", b"not an image"),
+        (tmp_path / "png_named.jpg", b"a png named jpg"),
+        (good, b"caf\xe9 latin-1 bytes"),
+        (good, b""),
+        (good, b"   \t "),
+    ]
     table = b"image,caption\n" + b"".join(str(p).encode() + b',"' + c + b'"\n' for p, c in rows)
     (tmp_path / "pairs.csv").write_bytes(table)
-    reasons = {"truncated.jpg": "truncated image", "empty.jpg": "empty image file",
-               "missing.jpg": "missing image", "text.jpg": "not an image",
-               "pairs.csv:8 ": "caption not utf-8", "pairs.csv:9 ": "empty caption",
-               "pairs.csv:10 ": "empty caption"}  # file line numbers: the header is line 1
+    reasons = {
+        "truncated.jpg": "truncated image",
+        "empty.jpg": "empty image file",
+        "missing.jpg": "missing image",
+        "text.jpg": "not an image",
+        "pairs.csv:8 ": "caption not utf-8",
+        "pairs.csv:9 ": "empty caption",
+        "pairs.csv:10 ": "empty caption",
+    }  # file line numbers: the header is line 1
     return tmp_path / "pairs.csv", reasons, ["a good caption", "a png named jpg"]
 
 
 def test_corrupt_inputs_are_skipped_and_counted_via_cli(tmp_path, capsys):
     source, reasons, kept = corrupt_source(tmp_path)
     out, report = tmp_path / "out.beton", tmp_path / "summary.json"
-    assert main(["write-dataset", str(source), str(out), "--summary-json", str(report), "--workers", "2",
-                 "--max-side", "32", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "write-dataset",
+                str(source),
+                str(out),
+                "--summary-json",
+                str(report),
+                "--workers",
+                "2",
+                "--max-side",
+                "32",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(report.read_text())
     assert (summary["written"], summary["skipped"]) == (2, len(reasons))
     assert summary["pairs_per_s"] > 0
@@ -244,7 +290,9 @@ def test_bad_caption_files_in_a_folder(tmp_path):
     summary = write_dataset(tmp_path / "src", tmp_path / "out.beton", config())
     assert summary.written == 1
     assert sorted((Path(s.source).name, s.reason) for s in summary.skips) == [
-        ("blank", "empty caption"), ("latin", "caption not utf-8")]
+        ("blank", "empty caption"),
+        ("latin", "caption not utf-8"),
+    ]
 
 
 def test_interrupted_write_leaves_no_output(tmp_path, monkeypatch):
@@ -284,8 +332,9 @@ def test_refuses_to_overwrite_unless_asked(tmp_path, capsys):
         write_dataset(tmp_path / "pairs.csv", out, config())
     assert main(["write-dataset", str(tmp_path / "pairs.csv"), str(out), "--quiet"]) == 2
     assert "exists" in capsys.readouterr().err and out.read_bytes() == b"precious"
-    assert main(["write-dataset", str(tmp_path / "pairs.csv"), str(out), "--quiet", "--overwrite",
-                 "--workers", "1"]) == 0
+    assert (
+        main(["write-dataset", str(tmp_path / "pairs.csv"), str(out), "--quiet", "--overwrite", "--workers", "1"]) == 0
+    )
     assert len(read_beton(out)) == 1
 
 
@@ -326,9 +375,19 @@ def load_all(path) -> list[np.ndarray]:
     enabled = Compiler.is_enabled
     Compiler.set_enabled(False)  # no numba compilation: tiny epochs
     try:
-        loader = Loader(str(path), batch_size=16, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
-                        pipelines={"image": [SimpleRGBImageDecoder()], "tokens": [NDArrayDecoder()],
-                                   "eda_tokens": [NDArrayDecoder()], "index": [IntDecoder()]})
+        loader = Loader(
+            str(path),
+            batch_size=16,
+            num_workers=1,
+            order=OrderOption.SEQUENTIAL,
+            drop_last=False,
+            pipelines={
+                "image": [SimpleRGBImageDecoder()],
+                "tokens": [NDArrayDecoder()],
+                "eda_tokens": [NDArrayDecoder()],
+                "index": [IntDecoder()],
+            },
+        )
         batches = [[np.array(x, copy=True) for x in batch] for batch in loader]  # buffers are reused
     finally:
         Compiler.set_enabled(enabled)
@@ -342,8 +401,25 @@ def test_demo_builds_both_splits_and_classes(tmp_path, capsys):
         demo.load_fashion_mnist("test")
     except FileNotFoundError as err:
         pytest.skip(str(err))
-    assert main(["write-dataset", "--demo", str(tmp_path), "--train-size", "48", "--test-size", "24",
-                 "--workers", "2", "--quiet", "--summary-json", str(tmp_path / "s.json")]) == 0
+    assert (
+        main(
+            [
+                "write-dataset",
+                "--demo",
+                str(tmp_path),
+                "--train-size",
+                "48",
+                "--test-size",
+                "24",
+                "--workers",
+                "2",
+                "--quiet",
+                "--summary-json",
+                str(tmp_path / "s.json"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "s.json").read_text())["train"]["written"] == 48
     paths = demo.ensure_demo_data(tmp_path, train_size=48, test_size=24)
     assert paths.summaries == {}  # already there: nothing rebuilt

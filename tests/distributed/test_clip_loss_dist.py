@@ -40,9 +40,7 @@ def _worker(rank, port, out_dir):
 
     from declip_fast.losses import ClipLoss
 
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
-    )
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         results = {}
         for (b, d), (local, with_grad) in itertools.product(CASES, MODES):

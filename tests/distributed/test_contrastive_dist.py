@@ -36,8 +36,9 @@ def _worker(rank, port, out_dir, device):
         scale.requires_grad_(True)
         loss = contrastive.clip_loss_gathered(img, all_gather_with_grad(txt), scale, rank * B)
         (loss * 1.3).backward()
-        torch.save([t.detach().cpu() for t in (loss, img.grad, txt.grad, scale.grad)],
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(
+            [t.detach().cpu() for t in (loss, img.grad, txt.grad, scale.grad)], os.path.join(out_dir, f"rank{rank}.pt")
+        )
     finally:
         dist.destroy_process_group()
 

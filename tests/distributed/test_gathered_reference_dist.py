@@ -39,15 +39,17 @@ def _worker(rank, port, out_dir):
                 i, t, s = (x.clone().requires_grad_(True) for x in (img[mine], txt[mine], scale))
                 if path == "gathered":
                     if block is None:  # through the functional API, as ClipLoss calls it
-                        loss = kernels.clip_loss(i, all_gather_with_grad(t), s, mode="gathered",
-                                                 offset=rank * b, impl="torch")
+                        loss = kernels.clip_loss(
+                            i, all_gather_with_grad(t), s, mode="gathered", offset=rank * b, impl="torch"
+                        )
                     else:
-                        loss = reference.clip_loss_gathered(i, all_gather_with_grad(t), s, rank * b,
-                                                            block=block)
+                        loss = reference.clip_loss_gathered(i, all_gather_with_grad(t), s, rank * b, block=block)
                 else:
                     all_i, all_t = all_gather_with_grad(i), all_gather_with_grad(t)
-                    loss = (reference.clip_loss_rows(i, all_t, s, rank * b, block=block)
-                            + reference.clip_loss_rows(t, all_i, s, rank * b, block=block)) / 2
+                    loss = (
+                        reference.clip_loss_rows(i, all_t, s, rank * b, block=block)
+                        + reference.clip_loss_rows(t, all_i, s, rank * b, block=block)
+                    ) / 2
                 (loss * 1.3).backward()
                 out.append([x.detach() for x in (loss, i.grad, t.grad, s.grad)])
             results[(b, d)] = out

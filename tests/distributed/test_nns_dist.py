@@ -63,9 +63,12 @@ def test_averaged_over_ranks_equals_the_global_batch_loss(rank_results):
     over the global batch, for the image views AND logit_scale."""
     dense = DenseNNS(SIZE)
     for step, (images, texts, scale) in enumerate(_global_steps()):
-        want = _loss_and_grads(lambda i, t, s, first=texts[0]: dense.step(i, t, s, first),
-                               [x.double() for x in images], [t.double() for t in texts],
-                               scale.double())
+        want = _loss_and_grads(
+            lambda i, t, s, first=texts[0]: dense.step(i, t, s, first),
+            [x.double() for x in images],
+            [t.double() for t in texts],
+            scale.double(),
+        )
         per_rank = [results[step][0] for results in rank_results]
         if want is None:
             assert all(r is None for r in per_rank), f"step {step}: a loss before the queue is ready"

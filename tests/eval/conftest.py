@@ -13,8 +13,7 @@ DEMO_TRAIN, DEMO_TEST = 64, 200  # enough test images for a chance-level bound o
 def demo_files(tmp_path_factory):
     from declip_fast.data.demo import ensure_demo_data
 
-    return ensure_demo_data(tmp_path_factory.mktemp("demo"), train_size=DEMO_TRAIN, test_size=DEMO_TEST,
-                            workers=1)
+    return ensure_demo_data(tmp_path_factory.mktemp("demo"), train_size=DEMO_TRAIN, test_size=DEMO_TEST, workers=1)
 
 
 @pytest.fixture(scope="module")

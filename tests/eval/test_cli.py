@@ -86,11 +86,27 @@ def test_load_model_from_a_real_checkpoint(weights_file, tmp_path):
 def test_eval_on_an_image_folder_prints_the_table(weights_file, tmp_path, capsys):
     root = make_folder(tmp_path / "images")
     classes = tmp_path / "classes.json"
-    classes.write_text(json.dumps({"classes": [c.split("_")[1] for c in sorted(COLOURS)],
-                                   "templates": ["a {} image.", "the colour {}."]}))
+    classes.write_text(
+        json.dumps(
+            {"classes": [c.split("_")[1] for c in sorted(COLOURS)], "templates": ["a {} image.", "the colour {}."]}
+        )
+    )
     path, _ = weights_file
-    code = main([str(path), "--preset", "declip_tiny", "--data", str(root), "--classes", str(classes),
-                 "--workers", "0", "--batch-size", "5"])
+    code = main(
+        [
+            str(path),
+            "--preset",
+            "declip_tiny",
+            "--data",
+            str(root),
+            "--classes",
+            str(classes),
+            "--workers",
+            "0",
+            "--batch-size",
+            "5",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     rows = dict(line.rsplit(None, 1) for line in out.splitlines()[1:])
@@ -129,8 +145,18 @@ def test_eval_demo_with_linear_probe(weights_file, demo_data, capsys):
     from declip_fast.eval.zeroshot import zeroshot_demo
 
     path, model = weights_file
-    code = main([str(path), "--preset", "declip_tiny", "--demo", str(demo_data.classes.parent),
-                 "--linear-probe", "--workers", "1"])
+    code = main(
+        [
+            str(path),
+            "--preset",
+            "declip_tiny",
+            "--demo",
+            str(demo_data.classes.parent),
+            "--linear-probe",
+            "--workers",
+            "1",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     rows = dict(line.rsplit(None, 1) for line in out.splitlines()[1:])

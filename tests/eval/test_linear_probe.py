@@ -77,8 +77,9 @@ def test_linear_probe_uses_normalized_frozen_features():
     x, y = separable(240, 3, 8, seed=2)
     x *= np.random.default_rng(0).uniform(0.5, 4, size=(len(x), 1)).astype(np.float32)  # norms vary
     model = FixedFeatures(x).train()
-    batches = lambda rows: [(torch.tensor(rows[i:i + 32]), torch.from_numpy(y[rows[i:i + 32]]))
-                            for i in range(0, len(rows), 32)]
+    batches = lambda rows: [
+        (torch.tensor(rows[i : i + 32]), torch.from_numpy(y[rows[i : i + 32]])) for i in range(0, len(rows), 32)
+    ]
     train_rows, test_rows = np.arange(160), np.arange(160, 240)
     features, labels = extract_features(model, batches(train_rows), "cpu")
     np.testing.assert_allclose(features, x[:160] / np.linalg.norm(x[:160], axis=1, keepdims=True), atol=1e-6)

@@ -14,8 +14,15 @@ from torch import nn
 
 from declip_fast.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from declip_fast.data.tokenizer import tokenize
-from declip_fast.eval.zeroshot import (CLIP_IMAGENET_TEMPLATES, classifier_weights, evaluate,
-                                       labelled_images, read_classes, zeroshot_demo, zeroshot_eval)
+from declip_fast.eval.zeroshot import (
+    CLIP_IMAGENET_TEMPLATES,
+    classifier_weights,
+    evaluate,
+    labelled_images,
+    read_classes,
+    zeroshot_demo,
+    zeroshot_eval,
+)
 
 VOCAB = 49409  # CLIP's ids plus <mask>
 MEAN, STD = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
@@ -116,7 +123,7 @@ def test_evaluate_equals_numpy_topk(num_classes, dim):
     labels = torch.randint(0, num_classes, (n,), generator=g)
     weights = F.normalize(torch.randn(dim, num_classes, generator=g), dim=0)
     model = BagOfWords(dim=dim, seed=0, image_fn=lambda x: x)
-    batches = [(features[i:i + 50], labels[i:i + 50]) for i in range(0, n, 50)]
+    batches = [(features[i : i + 50], labels[i : i + 50]) for i in range(0, n, 50)]
     result = evaluate(model, batches, weights, "cpu")
 
     x = features.double().numpy()
@@ -172,8 +179,9 @@ def test_folder_reader_matches_torchvision_resize_and_centre_crop(tmp_path):
     assert y.tolist() == [c for c in range(4) for _ in range(3)]  # sorted class folders, files in order
 
     # sizes chosen so torchvision's rounding equals ours: 60x30 -> 32x16, 30x45 -> 16x24, 48 -> 16
-    reference = transforms.Compose([transforms.Resize(16, transforms.InterpolationMode.BICUBIC),
-                                    transforms.CenterCrop(16)])
+    reference = transforms.Compose(
+        [transforms.Resize(16, transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(16)]
+    )
     for i, name in enumerate(sorted(COLOURS)):
         for j in range(3):
             expected = np.asarray(reference(Image.open(root / name / f"{j}.png").convert("RGB")))
@@ -197,6 +205,7 @@ def test_oracle_model_scores_one_and_shifted_oracle_zero(tmp_path):
             rgb = x.mean((2, 3)) * std + mean  # undo the normalization
             cls = torch.cdist(rgb, palette).argmin(1)
             return weights.T[(cls + shift) % len(palette)] + 0.05 * torch.randn(len(x), 32, generator=g)
+
         return BagOfWords(dim=32, seed=3, image_fn=image_fn)
 
     result = evaluate(oracle(0), images, weights, "cpu")

@@ -124,8 +124,7 @@ def test_rows_matches_float64(m, n, offset, dtype, rng):
 def test_gradients_where_they_are_not_small(scale, kind, dtype, rng):
     """Regimes where every output carries signal: a zero-gradient or lost-update kernel fails."""
     a, b = _pair(300, 300, 40, dtype, rng, kind)
-    _check(contrastive.clip_loss, reference.clip_loss_dense, a, b, torch.tensor(scale, device=DEVICE),
-           sensitive=True)
+    _check(contrastive.clip_loss, reference.clip_loss_dense, a, b, torch.tensor(scale, device=DEVICE), sensitive=True)
 
 
 def test_the_cpu_shapes_walk_several_tiles():
@@ -275,9 +274,12 @@ GPU_CASES = [
     for n, d in [(1, 3), (257, 640), (4099, 1000)]
     for kind in ("uncorrelated", "hard")
 ] + [
-    (16384, 2048, torch.bfloat16, "hard"), (16384, 2048, torch.float16, "uncorrelated"),
-    (16384, 2048, torch.float32, "hard"), (65536, 512, torch.bfloat16, "uncorrelated"),
-    (65536, 512, torch.float16, "hard"), (32768, 512, torch.float32, "uncorrelated"),
+    (16384, 2048, torch.bfloat16, "hard"),
+    (16384, 2048, torch.float16, "uncorrelated"),
+    (16384, 2048, torch.float32, "hard"),
+    (65536, 512, torch.bfloat16, "uncorrelated"),
+    (65536, 512, torch.float16, "hard"),
+    (32768, 512, torch.float32, "uncorrelated"),
 ]
 
 
@@ -286,8 +288,7 @@ GPU_CASES = [
 def test_gpu_symmetric_matches_float64(n, d, dtype, kind, rng):
     a, b = _pair(n, n, d, dtype, rng, kind)
     scale = torch.tensor(14.0 if kind == "uncorrelated" else 30.0, device=DEVICE)
-    _check(contrastive.clip_loss, reference.clip_loss_dense, a, b, scale, reference.clip_loss,
-           sensitive=True)
+    _check(contrastive.clip_loss, reference.clip_loss_dense, a, b, scale, reference.clip_loss, sensitive=True)
 
 
 @pytest.mark.gpu

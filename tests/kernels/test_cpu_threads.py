@@ -23,8 +23,14 @@ def test_workers_run_single_threaded_ops_and_restore(two_threads):
     seen = []
 
     def work(part):
-        seen.append((threading.get_ident(), torch.get_num_threads(), torch.is_grad_enabled(),
-                     cpu_threads.workers_for(torch.device("cpu"), 8)))
+        seen.append(
+            (
+                threading.get_ident(),
+                torch.get_num_threads(),
+                torch.is_grad_enabled(),
+                cpu_threads.workers_for(torch.device("cpu"), 8),
+            )
+        )
         return sum(part)
 
     assert cpu_threads.workers_for(torch.device("cpu"), 8) == 2

@@ -130,8 +130,9 @@ def test_bit_identical_in_any_program_order(dtype, rng):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("b, m, d", [(1, 1, 3), (4096, 65536, 512), (1000, 100_003, 1000), (64, 1 << 20, 128),
-                                     (300, 5000, 2048)])
+@pytest.mark.parametrize(
+    "b, m, d", [(1, 1, 3), (4096, 65536, 512), (1000, 100_003, 1000), (64, 1 << 20, 128), (300, 5000, 2048)]
+)
 def test_gpu_matches_float64(b, m, d, dtype, rng):
     q, k = _unit(b, d, rng, dtype), _unit(m, d, rng, dtype)
     valid = m - m // 7

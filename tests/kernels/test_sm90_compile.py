@@ -5,20 +5,29 @@ as a real launch would build it, without spills, within the register ceiling, on
 import pytest
 import torch
 
-from benchmarks.sm90 import (compile_sm90, contrastive_specs, hopper_problems,
-                             lookup_specs, specialize)
+from benchmarks.sm90 import compile_sm90, contrastive_specs, hopper_problems, lookup_specs, specialize
 
 SIGNATURE = {
-    "a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp32",
-    "M": "i32", "N": "i32", "K": "i32",
-    "BM": "constexpr", "BN": "constexpr", "BK": "constexpr",
+    "a_ptr": "*fp16",
+    "b_ptr": "*fp16",
+    "c_ptr": "*fp32",
+    "M": "i32",
+    "N": "i32",
+    "K": "i32",
+    "BM": "constexpr",
+    "BN": "constexpr",
+    "BK": "constexpr",
 }
 
 
 def _spec(bm, bn, bk, num_warps):
     return dict(
-        module="tests.kernels.toy_kernels", kernel="_toy_matmul", signature=SIGNATURE,
-        constexprs=dict(BM=bm, BN=bn, BK=bk), num_warps=num_warps, num_stages=3,
+        module="tests.kernels.toy_kernels",
+        kernel="_toy_matmul",
+        signature=SIGNATURE,
+        constexprs=dict(BM=bm, BN=bn, BK=bk),
+        num_warps=num_warps,
+        num_stages=3,
     )
 
 

@@ -18,9 +18,13 @@ open_clip_loss = pytest.importorskip("open_clip.loss")
 # (autocast dtype or None, feature dtype): plain 32/16-bit, then autocast with fp32 features
 # (autocast's normalize hands the loss fp32) and with 16-bit ones.
 CONTEXTS = [
-    (None, torch.float32), (None, torch.bfloat16), (None, torch.float16),
-    (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
-    (torch.float16, torch.float32), (torch.float16, torch.float16),
+    (None, torch.float32),
+    (None, torch.bfloat16),
+    (None, torch.float16),
+    (torch.bfloat16, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float32),
+    (torch.float16, torch.float16),
 ]
 IDS = [f"{'autocast-' + str(a)[6:] if a else 'plain'}-{str(f)[6:]}" for a, f in CONTEXTS]
 # 7/4 is exact in every dtype: a bf16 loss's upstream gradient of 1.7 would itself be off by 2e-3.
@@ -61,8 +65,7 @@ def test_matches_open_clip_in_every_precision_context(amp, dtype, seed):
     # float64 of the features both losses compute with: autocast rounds them to its dtype (in
     # OpenCLIP's matmul as in our cast), a rounding of the inputs and no error of either loss.
     compute = amp or dtype
-    exact = _run(reference.clip_loss_dense, img.to(compute).double(), txt.to(compute).double(),
-                 scale.double())
+    exact = _run(reference.clip_loss_dense, img.to(compute).double(), txt.to(compute).double(), scale.double())
 
     names = ("loss", "d image", "d text", "d logit_scale")
     for name, a, b in zip(names, ours, theirs):
@@ -214,10 +217,15 @@ def test_declip_loss_terms_are_float32_under_autocast():
     b, e, vocab = 8, 16, 40
     unit = lambda: F.normalize(torch.randn(b, e, generator=gen), dim=-1).to(torch.bfloat16)
     raw = lambda *s: torch.randn(*s, generator=gen).to(torch.bfloat16)
-    f = dict(image_features=[unit(), unit()], text_features=[unit(), unit()],
-             logit_scale=torch.tensor(11.0), image_proj=[raw(b, 12), raw(b, 12)],
-             image_pred=[raw(b, 12), raw(b, 12)], mlm_logits=raw(5, vocab),
-             mlm_targets=torch.randint(0, vocab, (5,), generator=gen))
+    f = dict(
+        image_features=[unit(), unit()],
+        text_features=[unit(), unit()],
+        logit_scale=torch.tensor(11.0),
+        image_proj=[raw(b, 12), raw(b, 12)],
+        image_pred=[raw(b, 12), raw(b, 12)],
+        mlm_logits=raw(5, vocab),
+        mlm_targets=torch.randint(0, vocab, (5,), generator=gen),
+    )
     loss = DeCLIPLoss(preset("paper", impl="torch", queue_size=64))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss(f)  # fills the NNS queue

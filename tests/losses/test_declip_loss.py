@@ -18,10 +18,13 @@ def _features(rng, b=6, e=16, vocab=50, k=7):
     unit = lambda: F.normalize(torch.randn(b, e, generator=rng, dtype=torch.float64), dim=-1).requires_grad_(True)
     raw = lambda *s: torch.randn(*s, generator=rng, dtype=torch.float64, requires_grad=True)
     return dict(
-        image_features=[unit(), unit()], text_features=[unit(), unit()],
+        image_features=[unit(), unit()],
+        text_features=[unit(), unit()],
         logit_scale=torch.tensor(11.0, dtype=torch.float64, requires_grad=True),
-        image_proj=[raw(b, 12), raw(b, 12)], image_pred=[raw(b, 12), raw(b, 12)],
-        mlm_logits=raw(k, vocab), mlm_targets=torch.randint(0, vocab, (k,), generator=rng),
+        image_proj=[raw(b, 12), raw(b, 12)],
+        image_pred=[raw(b, 12), raw(b, 12)],
+        mlm_logits=raw(k, vocab),
+        mlm_targets=torch.randint(0, vocab, (k,), generator=rng),
     )
 
 
@@ -31,7 +34,8 @@ def _terms64(f):
     cos = lambda p, z: F.cosine_similarity(p, z.detach(), dim=-1).mean()
     p, z = f["image_pred"], f["image_proj"]
     return dict(
-        clip=pairs[0], mvs=sum(pairs) / 4,
+        clip=pairs[0],
+        mvs=sum(pairs) / 4,
         iss=-0.5 * (cos(p[0], z[1]) + cos(p[1], z[0])),
         tss=F.cross_entropy(f["mlm_logits"], f["mlm_targets"]),
     )
@@ -76,8 +80,9 @@ def test_clip_only_needs_one_view_and_no_heads(rng):
     assert loss.needs() == dict(image_views=1, text_views=1, simsiam=False, mlm=False)
     assert loss.simsiam is None and loss.mlm is None and loss.nns is None
     f = _features(rng)
-    only = dict(image_features=[f["image_features"][0]], text_features=[f["text_features"][0]],
-                logit_scale=f["logit_scale"])
+    only = dict(
+        image_features=[f["image_features"][0]], text_features=[f["text_features"][0]], logit_scale=f["logit_scale"]
+    )
     out = loss(only)
     assert set(out) == {"clip", "total"}
     assert abs(out["total"].item() - _clip64(*only["image_features"], *only["text_features"], 11.0).item()) < 1e-5

@@ -21,8 +21,10 @@ def _features(n=10, d=6, seed=0):
 
 
 def test_importing_the_kernels_package_imports_no_triton():
-    code = ("import sys, declip_fast.kernels, declip_fast.losses, declip_fast.models; "
-            "sys.exit(1 if 'triton' in sys.modules or 'declip_fast.kernels.contrastive' in sys.modules else 0)")
+    code = (
+        "import sys, declip_fast.kernels, declip_fast.losses, declip_fast.models; "
+        "sys.exit(1 if 'triton' in sys.modules or 'declip_fast.kernels.contrastive' in sys.modules else 0)"
+    )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 

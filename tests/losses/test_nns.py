@@ -45,8 +45,7 @@ class DenseNNS:
         loss = None
         if len(self.queue.rows) >= min(texts[0].shape[0], self.queue.size):
             labels = torch.arange(texts[0].shape[0])
-            terms = [F.cross_entropy(scale * img @ self._neighbours(t).T, labels)
-                     for t in texts for img in images]
+            terms = [F.cross_entropy(scale * img @ self._neighbours(t).T, labels) for t in texts for img in images]
             loss = sum(terms) / len(terms)
         if enqueue is not None:
             self.queue.push(enqueue)
@@ -56,8 +55,7 @@ class DenseNNS:
 def _views(n, b, d, gen, dtype=torch.float32):
     """Normalized image views (as the model hands them over) and raw text views."""
     base = torch.randn(b, d, generator=gen, dtype=torch.float64)
-    images = [F.normalize(base + 0.5 * torch.randn(b, d, generator=gen, dtype=torch.float64), dim=-1)
-              for _ in range(n)]
+    images = [F.normalize(base + 0.5 * torch.randn(b, d, generator=gen, dtype=torch.float64), dim=-1) for _ in range(n)]
     texts = [3.0 * (base + torch.randn(b, d, generator=gen, dtype=torch.float64)) for _ in range(n)]
     return [x.to(dtype) for x in images], [x.to(dtype) for x in texts]
 
@@ -220,9 +218,12 @@ def test_matches_dense_float64_model(b, d, size, n_img, n_txt, dtype, enqueue, r
         extra = ENQUEUE[enqueue](texts + texts)
         pushed = texts[0] if extra is None else (None if extra is False else extra)
         got = _loss_and_grads(ours, images, texts, scale, enqueue=extra)
-        want = _loss_and_grads(lambda i, t, s, pushed=pushed: dense.step(i, t, s, pushed),
-                               [x.double() for x in images], [t.double() for t in texts],
-                               scale.double())
+        want = _loss_and_grads(
+            lambda i, t, s, pushed=pushed: dense.step(i, t, s, pushed),
+            [x.double() for x in images],
+            [t.double() for t in texts],
+            scale.double(),
+        )
         if want is None:
             assert got is None, f"step {step}: a loss before the queue holds a batch"
             continue

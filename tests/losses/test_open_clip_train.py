@@ -103,16 +103,52 @@ def test_amp_fp16_training_with_our_loss_never_skips_a_step(tmp_path):
     record_path = tmp_path / "record.json"
     batch, epochs = 8, 2
     argv = [
-        "--model", "tiny-clip", "--train-data", str(csv), "--dataset-type", "csv",
-        "--csv-separator", ",", "--csv-img-key", "filepath", "--csv-caption-key", "title",
-        "--batch-size", str(batch), "--epochs", str(epochs), "--workers", "0",
-        "--precision", "amp", "--device", "cpu", "--lr", "1e-3", "--warmup", "1",
-        "--save-frequency", "0", "--zeroshot-frequency", "0", "--log-every-n-steps", "1",
-        "--logs", str(tmp_path / "logs"), "--name", "run", "--seed", "0",
+        "--model",
+        "tiny-clip",
+        "--train-data",
+        str(csv),
+        "--dataset-type",
+        "csv",
+        "--csv-separator",
+        ",",
+        "--csv-img-key",
+        "filepath",
+        "--csv-caption-key",
+        "title",
+        "--batch-size",
+        str(batch),
+        "--epochs",
+        str(epochs),
+        "--workers",
+        "0",
+        "--precision",
+        "amp",
+        "--device",
+        "cpu",
+        "--lr",
+        "1e-3",
+        "--warmup",
+        "1",
+        "--save-frequency",
+        "0",
+        "--zeroshot-frequency",
+        "0",
+        "--log-every-n-steps",
+        "1",
+        "--logs",
+        str(tmp_path / "logs"),
+        "--name",
+        "run",
+        "--seed",
+        "0",
     ]
-    result = subprocess.run([sys.executable, str(launcher), str(record_path), str(config), *argv],
-                            capture_output=True, text=True, timeout=300)
-    log = (tmp_path / "logs" / "run" / "out.log")
+    result = subprocess.run(
+        [sys.executable, str(launcher), str(record_path), str(config), *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    log = tmp_path / "logs" / "run" / "out.log"
     log_text = log.read_text() if log.exists() else ""
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads(record_path.read_text())

@@ -26,8 +26,17 @@ def demo_dir(tmp_path_factory):
 
 def demo_args(run_dir, demo_dir, *extra) -> list[str]:
     """``declip-fast train demo`` on the small demo data: 16-image batches, tiny queue."""
-    return ["train", "demo", f"run_dir={run_dir}", f"data.beton={demo_dir}/train.beton", "data.batch_size=16",
-            "data.num_workers=1", "loss.queue_size=32", *QUIET, *extra]
+    return [
+        "train",
+        "demo",
+        f"run_dir={run_dir}",
+        f"data.beton={demo_dir}/train.beton",
+        "data.batch_size=16",
+        "data.num_workers=1",
+        "loss.queue_size=32",
+        *QUIET,
+        *extra,
+    ]
 
 
 def run_cli(capsys, argv) -> tuple[int, list[str]]:
@@ -40,9 +49,19 @@ def run_cli(capsys, argv) -> tuple[int, list[str]]:
 
 def trainer_config(run_dir, *extra):
     """A data-less run (the Trainer is fed synthetic batches): builds in about a second."""
-    return load_config("demo", [f"run_dir={run_dir}", "data.beton=null", *QUIET, "loss.queue_size=16",
-                                "optim.warmup_steps=2", "steps=20", "checkpoint_every=1000", *extra])
-
+    return load_config(
+        "demo",
+        [
+            f"run_dir={run_dir}",
+            "data.beton=null",
+            *QUIET,
+            "loss.queue_size=16",
+            "optim.warmup_steps=2",
+            "steps=20",
+            "checkpoint_every=1000",
+            *extra,
+        ],
+    )
 
 
 class SyntheticLoader(ResumableEpochs):

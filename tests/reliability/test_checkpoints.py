@@ -46,8 +46,9 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog
         trainer = Trainer(trainer_config(run)).build()
     trainer.close()
     assert trainer.step_count == 1, "should resume from the previous complete checkpoint"
-    warnings = [r.getMessage() for r in caplog.records
-                if r.name.startswith("declip_fast") and r.levelno >= logging.WARNING]
+    warnings = [
+        r.getMessage() for r in caplog.records if r.name.startswith("declip_fast") and r.levelno >= logging.WARNING
+    ]
     assert len(warnings) == 1 and "\n" not in warnings[0], warnings
     assert str(newest) in warnings[0] and what in warnings[0], warnings[0]
     assert Checkpointer(run).complete() == [older]

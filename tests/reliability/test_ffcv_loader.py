@@ -129,6 +129,7 @@ def test_an_exception_in_the_loader_thread_reaches_the_consumer(beton):
             if len(calls) == 3:
                 raise OSError("disk on fire\nsecond line")
             return stage(**kw)
+
         return run
 
     loader._loader.code = ([(failing(stages[0][0]), stages[0][1]), *stages[1:]], outputs)
@@ -166,8 +167,7 @@ def test_undecodable_images_are_skipped_and_counted(beton, tmp_path, caplog):
     assert sorted(index.tolist()) == sorted(set(range(N)) - {3, 10, 17})
     assert loader.skipped == 3 and loader.stats() == {"skipped": 3}
     assert f"skipping sample 3 of {path}: undecodable image" in caplog.text
-    assert all(len(b["images_1"]) == len(b["images_2"]) == len(b["text_1"]) == len(b["index"])
-               for b in batches)
+    assert all(len(b["images_1"]) == len(b["images_2"]) == len(b["text_1"]) == len(b["index"]) for b in batches)
     # The kept samples are the intact file's images, bit for bit (crops are seeded per batch).
     intact = list(L.build_loader(_config(beton, **kw), "cpu"))
     by_index = {int(i): img for b in intact for i, img in zip(b["index"], b["images_1"])}
@@ -180,16 +180,26 @@ def test_undecodable_images_are_skipped_and_counted(beton, tmp_path, caplog):
 
 
 DAMAGE = {
-    "1000x the samples": (lambda p, *_: _header(p, num_samples=lambda n, _: 1000 * n),  # in the slack
-                          "sample 32 (of 31968 such) points to no allocated region"),
-    "a billion x the samples": (lambda p, *_: _header(p, num_samples=lambda n, _: 10**9 * n),
-                                "the header claims 32000000000 samples of"),
-    "table past the end": (lambda p, *_: _header(p, alloc_table_ptr=lambda _, size: size + 24),
-                           "the allocation table at byte"),
-    "pointer past the end": (lambda p, s, t, _: _record(p, s, t, 5, "f0", "data_ptr", lambda size: size + 4096),
-                             "sample 5 (of 1 such) points to no allocated region"),
-    "zero height": (lambda p, s, t, _: _record(p, s, t, 7, "f0", "height", lambda _: 0),
-                    "sample 7 (of 1 such) has an image with a zero dimension"),
+    "1000x the samples": (
+        lambda p, *_: _header(p, num_samples=lambda n, _: 1000 * n),  # in the slack
+        "sample 32 (of 31968 such) points to no allocated region",
+    ),
+    "a billion x the samples": (
+        lambda p, *_: _header(p, num_samples=lambda n, _: 10**9 * n),
+        "the header claims 32000000000 samples of",
+    ),
+    "table past the end": (
+        lambda p, *_: _header(p, alloc_table_ptr=lambda _, size: size + 24),
+        "the allocation table at byte",
+    ),
+    "pointer past the end": (
+        lambda p, s, t, _: _record(p, s, t, 5, "f0", "data_ptr", lambda size: size + 4096),
+        "sample 5 (of 1 such) points to no allocated region",
+    ),
+    "zero height": (
+        lambda p, s, t, _: _record(p, s, t, 7, "f0", "height", lambda _: 0),
+        "sample 7 (of 1 such) has an image with a zero dimension",
+    ),
     "region past the end": (lambda p, *_: _alloc_size(p, 1 << 40), "lies outside the data region"),
     "cut short": (lambda p, *_: _truncate(p), "the allocation table at byte"),
 }

@@ -16,9 +16,21 @@ def _saved_run(run_dir):
 
 
 def _train_argv(run_dir, *extra):
-    return ["train", "demo", f"run_dir={run_dir}", "data.beton=null", "loss.queue_size=16",
-            "optim.warmup_steps=2", "steps=20", "checkpoint_every=1000", "progress=false",
-            "tensorboard=false", "plot=false", "eval.data=null", *extra]
+    return [
+        "train",
+        "demo",
+        f"run_dir={run_dir}",
+        "data.beton=null",
+        "loss.queue_size=16",
+        "optim.warmup_steps=2",
+        "steps=20",
+        "checkpoint_every=1000",
+        "progress=false",
+        "tensorboard=false",
+        "plot=false",
+        "eval.data=null",
+        *extra,
+    ]
 
 
 def test_a_changed_batch_size_is_refused_by_the_cli_unless_allowed(tmp_path, capsys):
@@ -31,8 +43,7 @@ def test_a_changed_batch_size_is_refused_by_the_cli_unless_allowed(tmp_path, cap
     assert "--allow-config-change data.batch_size" in err[0]
     assert (run / "config.yaml").read_text() == before, "a refused run must not rewrite config.yaml"
     # Allowed: the resume goes through (and this data-less run then stops for want of data).
-    status, err = run_cli(capsys, _train_argv(run, "data.batch_size=64", "--allow-config-change",
-                                              "data.batch_size"))
+    status, err = run_cli(capsys, _train_argv(run, "data.batch_size=64", "--allow-config-change", "data.batch_size"))
     assert status == 2 and err[-1] == "error: no training data: set data.beton or data.source"
 
 

@@ -25,8 +25,12 @@ def _assert_one_row_per_step(run_dir):
 
 def test_a_huge_learning_rate_fails_in_one_line_and_keeps_only_finite_checkpoints(tmp_path, demo_dir, capsys):
     run = tmp_path / "run"
-    status, err = run_cli(capsys, demo_args(run, demo_dir, "steps=12", "checkpoint_every=1", "optim.lr=1e9",
-                                            "max_bad_steps=2", "max_rollbacks=2"))
+    status, err = run_cli(
+        capsys,
+        demo_args(
+            run, demo_dir, "steps=12", "checkpoint_every=1", "optim.lr=1e9", "max_bad_steps=2", "max_rollbacks=2"
+        ),
+    )
     assert status == 1
     errors = [line for line in err if line.startswith("error:")]
     assert errors == [err[-1]] and "Traceback" not in "\n".join(err)

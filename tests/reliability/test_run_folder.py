@@ -18,13 +18,16 @@ from declip_fast.train.trainer import Trainer
 from tests.distributed.launch import run_ranks
 from tests.reliability.conftest import run_cli, trainer_config
 
-HOLD = ("import sys; from declip_fast.train.run_folder import RunFolderLock; "
-        "lock = RunFolderLock(sys.argv[1]).acquire(); print('held', flush=True); sys.stdin.read()")
+HOLD = (
+    "import sys; from declip_fast.train.run_folder import RunFolderLock; "
+    "lock = RunFolderLock(sys.argv[1]).acquire(); print('held', flush=True); sys.stdin.read()"
+)
 
 
 def _holder(run_dir):
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(run_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "held"
     return proc
 
@@ -33,11 +36,24 @@ def test_a_second_trainer_refuses_and_the_lock_dies_with_its_holder(tmp_path, ca
     run = tmp_path / "run"
     holder = _holder(run)
     try:
-        status, err = run_cli(capsys, ["train", "demo", f"run_dir={run}", "data.beton=null", "progress=false",
-                                       "tensorboard=false", "plot=false", "eval.data=null"])
+        status, err = run_cli(
+            capsys,
+            [
+                "train",
+                "demo",
+                f"run_dir={run}",
+                "data.beton=null",
+                "progress=false",
+                "tensorboard=false",
+                "plot=false",
+                "eval.data=null",
+            ],
+        )
         assert status == 2 and len(err) == 1, err
-        assert err[0].startswith(f"error: run_dir {run} is in use by another training run "
-                                 f"(pid {holder.pid} on host {socket.gethostname()}, started "), err[0]
+        assert err[0].startswith(
+            f"error: run_dir {run} is in use by another training run "
+            f"(pid {holder.pid} on host {socket.gethostname()}, started "
+        ), err[0]
         assert not (run / "config.yaml").exists() and not (run / "checkpoints").exists()
     finally:
         os.kill(holder.pid, signal.SIGKILL)

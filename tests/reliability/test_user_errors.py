@@ -29,16 +29,22 @@ CASES = {  # id: (override(s), text the one line must hold)
     "logit scale min > max": (["optim.logit_scale_min=5"], "optim.logit_scale_min 5.0 is above optim.logit_scale_max"),
     "beton and source": (["data.beton=a.beton", "data.source=b.csv"], "data.beton (a.beton) and data.source (b.csv)"),
     "unknown model": (["model.preset=declip_huge"], "model.preset: unknown preset 'declip_huge'"),
-    "image not a patch multiple": (["model.overrides={vision: {image_size: 36}}"],
-                                   "not a multiple of its patch size 8"),
+    "image not a patch multiple": (
+        ["model.overrides={vision: {image_size: 36}}"],
+        "not a multiple of its patch size 8",
+    ),
     "data image size": (["data.image_size=48"], "data.image_size 48 does not match the vision image_size 32"),
     "missing beton": (["data.beton=/nonexistent/train.beton"], "data.beton: /nonexistent/train.beton does not exist"),
     "wrong-format beton": (_not_a_beton, "is not an FFCV .beton file"),
-    "missing resume path": (["resume=/nonexistent/step_00000001"],
-                            "resume: checkpoint /nonexistent/step_00000001 does not exist"),
+    "missing resume path": (
+        ["resume=/nonexistent/step_00000001"],
+        "resume: checkpoint /nonexistent/step_00000001 does not exist",
+    ),
     "unknown key": (["optim.lrr=1"], "optim.lrr"),
-    "unchecked FFCV decoders": (["data.ffcv_fused_views=false"],
-                                "data.ffcv_fused_views=false is for loader benchmarks only"),
+    "unchecked FFCV decoders": (
+        ["data.ffcv_fused_views=false"],
+        "data.ffcv_fused_views=false is for loader benchmarks only",
+    ),
 }
 if not torch.cuda.is_available():
     CASES["cuda without CUDA"] = (["device=cuda"], "device=cuda, but no CUDA device")
@@ -62,8 +68,13 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
 
 
 def test_the_installed_command_exits_2(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "declip_fast.cli", *BASE, f"run_dir={tmp_path}",
-                           "data.beton=/nonexistent/train.beton"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "declip_fast.cli", *BASE, f"run_dir={tmp_path}", "data.beton=/nonexistent/train.beton"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
-    assert proc.stderr.splitlines() == ["error: data.beton: /nonexistent/train.beton does not exist "
-                                        "(declip-fast write-dataset writes one)"]
+    assert proc.stderr.splitlines() == [
+        "error: data.beton: /nonexistent/train.beton does not exist (declip-fast write-dataset writes one)"
+    ]

@@ -38,41 +38,49 @@ def reasons(skips) -> dict[str, str]:
 def test_unterminated_quote_costs_one_row_not_the_rows_after(tmp_path):
     """An opening quote without its closing one used to swallow the next rows into one caption."""
     (tmp_path / "t.csv").write_text(
-        "image,caption\n"                       # 1
-        "0.png,\"a quoted caption\"\n"          # 2
-        "1.png,\"never closed\n"                # 3: swallows up to the next quote
-        "2.png,second row\n"                    # 4
-        "3.png,\"third, quoted\"\n"             # 5
-        "4.png,\"opened again\n"                # 6: closed by a quote ending line 7 ...
-        "5.png,five inches 5\"\n"               # 7: ... which reads as a row of its own
-        "6.png,\"open until the end\n"          # 8: the end of the file comes first
+        "image,caption\n"  # 1
+        '0.png,"a quoted caption"\n'  # 2
+        '1.png,"never closed\n'  # 3: swallows up to the next quote
+        "2.png,second row\n"  # 4
+        '3.png,"third, quoted"\n'  # 5
+        '4.png,"opened again\n'  # 6: closed by a quote ending line 7 ...
+        '5.png,five inches 5"\n'  # 7: ... which reads as a row of its own
+        '6.png,"open until the end\n'  # 8: the end of the file comes first
     )
     pairs, skips = list_pairs(tmp_path / "t.csv")
     assert [(Path(p.source.split(" ")[0]).name, p.caption) for p in pairs] == [
-        ("t.csv:2", "a quoted caption"), ("t.csv:4", "second row"), ("t.csv:5", "third, quoted"),
-        ("t.csv:7", 'five inches 5"')]
-    assert reasons(skips) == {"t.csv:3": "malformed row (unterminated quote)",
-                              "t.csv:6": "malformed row (unterminated quote)",
-                              "t.csv:8": "malformed row (unterminated quote)"}
+        ("t.csv:2", "a quoted caption"),
+        ("t.csv:4", "second row"),
+        ("t.csv:5", "third, quoted"),
+        ("t.csv:7", 'five inches 5"'),
+    ]
+    assert reasons(skips) == {
+        "t.csv:3": "malformed row (unterminated quote)",
+        "t.csv:6": "malformed row (unterminated quote)",
+        "t.csv:8": "malformed row (unterminated quote)",
+    }
 
 
 def test_wrong_field_counts_and_stray_quotes_are_skipped(tmp_path):
     """An unquoted delimiter used to cut a caption short without a word; now the row is a skip."""
     (tmp_path / "t.tsv").write_text(
-        "0.png\tfine\n"                         # 1: no header: two columns
-        "1.png\tcut\there\n"                    # 2: three non-empty fields
-        "2.png\ttrailing tab is harmless\t\n"   # 3
-        "3.png\n"                               # 4: one field
-        "\tno image\n"                          # 5
-        "5.png\t\"a \"stray\" quote\"\n"        # 6
-        "\n"                                    # 7: blank lines are not rows
-        "7.png\tlast\n")                        # 8
+        "0.png\tfine\n"  # 1: no header: two columns
+        "1.png\tcut\there\n"  # 2: three non-empty fields
+        "2.png\ttrailing tab is harmless\t\n"  # 3
+        "3.png\n"  # 4: one field
+        "\tno image\n"  # 5
+        '5.png\t"a "stray" quote"\n'  # 6
+        "\n"  # 7: blank lines are not rows
+        "7.png\tlast\n"
+    )  # 8
     pairs, skips = list_pairs(tmp_path / "t.tsv")
     assert [p.caption for p in pairs] == ["fine", "trailing tab is harmless", "last"]
-    assert reasons(skips) == {"t.tsv:2": "malformed row (wrong number of fields)",
-                              "t.tsv:4": "malformed row (wrong number of fields)",
-                              "t.tsv:5": "malformed row (no image path)",
-                              "t.tsv:6": "malformed row (stray quote)"}
+    assert reasons(skips) == {
+        "t.tsv:2": "malformed row (wrong number of fields)",
+        "t.tsv:4": "malformed row (wrong number of fields)",
+        "t.tsv:5": "malformed row (no image path)",
+        "t.tsv:6": "malformed row (stray quote)",
+    }
 
 
 def test_header_sets_the_field_count(tmp_path):
@@ -138,21 +146,25 @@ def test_cli_counts_bad_rows_and_keeps_their_neighbours(tmp_path, capsys):
     pytest.importorskip("ffcv")
     save_images(tmp_path, 6)
     (tmp_path / "pairs.csv").write_text(
-        "image,caption\n"                                   # 1
-        f"0.png,\"{'long caption ' * 12_000}\"\n"           # 2: 156,000 characters
-        "1.png,\"unterminated\n"                            # 3
-        "2.png,a red square\n"                              # 4
-        "3.png,\"a caption over\ntwo lines\"\n"             # 5-6
-        "missing.png,no such image\n"                       # 7: a worker's skip, named by its line
-        "4.png,a blue, square\n"                            # 8
-        "5.png,\"a green square\"\n")                       # 9
+        "image,caption\n"  # 1
+        f'0.png,"{"long caption " * 12_000}"\n'  # 2: 156,000 characters
+        '1.png,"unterminated\n'  # 3
+        "2.png,a red square\n"  # 4
+        '3.png,"a caption over\ntwo lines"\n'  # 5-6
+        "missing.png,no such image\n"  # 7: a worker's skip, named by its line
+        "4.png,a blue, square\n"  # 8
+        '5.png,"a green square"\n'
+    )  # 9
     out, report = tmp_path / "out.beton", tmp_path / "summary.json"
     assert run_cli(str(tmp_path / "pairs.csv"), str(out), "--summary-json", str(report)) == 0
     summary = json.loads(report.read_text())
     assert (summary["written"], summary["skipped"]) == (3, 4)
     assert {Path(s["source"].split(" ")[0]).name: s["reason"] for s in summary["skips"]} == {
-        "pairs.csv:2": "caption too long", "pairs.csv:3": "malformed row (unterminated quote)",
-        "pairs.csv:7": "missing image", "pairs.csv:8": "malformed row (wrong number of fields)"}
+        "pairs.csv:2": "caption too long",
+        "pairs.csv:3": "malformed row (unterminated quote)",
+        "pairs.csv:7": "missing image",
+        "pairs.csv:8": "malformed row (wrong number of fields)",
+    }
     written_captions(out, ["a red square", "a caption over\ntwo lines", "a green square"])
     printed = capsys.readouterr().out
     assert "caption too long: 1" in printed and "malformed row (unterminated quote): 1" in printed
@@ -168,26 +180,36 @@ def test_long_caption_file_is_skipped(tmp_path):
     save_images(source, 2)
     (source / "0.txt").write_text("a" * (MAX_CAPTION_CHARS + 1))
     (source / "1.txt").write_text("a short caption")
-    summary = write_dataset(source, tmp_path / "out.beton",
-                            WriteConfig(workers=1, progress=False, max_side=32, page_size=1 << 21))
+    summary = write_dataset(
+        source, tmp_path / "out.beton", WriteConfig(workers=1, progress=False, max_side=32, page_size=1 << 21)
+    )
     assert summary.written == 1 and [(Path(s.source).name, s.reason) for s in summary.skips] == [
-        ("0", "caption too long")]
+        ("0", "caption too long")
+    ]
 
 
 def cli_subprocess(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """The real command line, run on this checkout's code."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "declip_fast.cli", "write-dataset", *args, "--quiet"],
-                          capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "declip_fast.cli", "write-dataset", *args, "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=REPO,
+    )
 
 
 def test_output_errors_are_one_line_naming_the_path(tmp_path):
     """Checked before FFCV's import and the listing: each fails in well under a second."""
     (tmp_path / "pairs.csv").write_text("0.png,a caption\n")
     (tmp_path / "a_file").write_text("")
-    cases = {tmp_path / ("n" * 300 + ".beton"): "file name too long",
-             tmp_path / "a_file" / "out.beton": "is not a folder",
-             tmp_path / "a_file" / "sub" / "out.beton": "is not a folder"}
+    cases = {
+        tmp_path / ("n" * 300 + ".beton"): "file name too long",
+        tmp_path / "a_file" / "out.beton": "is not a folder",
+        tmp_path / "a_file" / "sub" / "out.beton": "is not a folder",
+    }
     for out, reason in cases.items():
         result = cli_subprocess(str(tmp_path / "pairs.csv"), str(out), timeout=60)
         assert result.returncode == 2, result.stderr
@@ -312,9 +334,23 @@ def test_sigkilled_writer_takes_its_workers_along(tmp_path, caplog):
     (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "out" / "data.beton"
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    writer = subprocess.Popen([sys.executable, "-m", "declip_fast.cli", "write-dataset", str(tmp_path / "pairs.csv"),
-                               str(out), "--quiet", "--workers", "2"], env=env, cwd=REPO,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "declip_fast.cli",
+            "write-dataset",
+            str(tmp_path / "pairs.csv"),
+            str(out),
+            "--quiet",
+            "--workers",
+            "2",
+        ],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     workers: set[int] = set()
     try:
         deadline = time.monotonic() + 120

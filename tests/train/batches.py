@@ -16,7 +16,11 @@ def synthetic_batch(step: int) -> dict:
         tokens[i, 0], tokens[i, n + 1] = 49406, 49407
         tokens[i, 1 : n + 1] = torch.randint(300, 40000, (n,), generator=gen)
     masked, targets = masking.mask_tokens(tokens, gen)
-    return {"images_1": torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=gen),
-            "images_2": torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=gen),
-            "text_1": masked, "mlm_targets": targets, "text_2": tokens.roll(1, dims=1),
-            "index": torch.arange(GLOBAL_BATCH)}
+    return {
+        "images_1": torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=gen),
+        "images_2": torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=gen),
+        "text_1": masked,
+        "mlm_targets": targets,
+        "text_2": tokens.roll(1, dims=1),
+        "index": torch.arange(GLOBAL_BATCH),
+    }

@@ -273,8 +273,7 @@ def _fsdp_worker(rank, port, out_dir, phase, run_dir):
     from torch.distributed.fsdp import fully_shard
 
     torch.set_num_threads(1)  # two ranks on a 2-core box: no oversubscription
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         run = Run(seed=0 if phase == "train" else 123)
         for layer in (run.model[0], run.model[3]):  # 15 rows: uneven shards
@@ -310,8 +309,17 @@ def test_fsdp2_resume_reproduces_losses(tmp_path):
     resumed = run_ranks(_fsdp_worker, WORLD, tmp_path / "b", "resume", str(run_dir))
     path = run_dir / "checkpoints" / "step_00000003"
     assert sorted(p.name for p in path.iterdir()) == sorted(
-        [".metadata", "__0_0.distcp", "__1_0.distcp", "state.pt", "rng_rank0.pt",
-         "rng_rank1.pt", "MANIFEST.json", "COMPLETE"])
+        [
+            ".metadata",
+            "__0_0.distcp",
+            "__1_0.distcp",
+            "state.pt",
+            "rng_rank0.pt",
+            "rng_rank1.pt",
+            "MANIFEST.json",
+            "COMPLETE",
+        ]
+    )
     assert not torch.equal(trained[0]["losses"][0], trained[1]["losses"][0])  # ranks differ
     for rank in range(WORLD):
         assert resumed[rank]["extra"]["loader"] == {"epoch": 0, "batch": 6}

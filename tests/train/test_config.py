@@ -24,17 +24,33 @@ def test_every_preset_loads_and_has_the_run_keys(name):
 
 
 def test_overrides_parse_values_and_reach_nested_sections():
-    cfg = C.load_config("demo", ["steps=7", "optim.lr=3e-4", "optim.betas=[0.8, 0.9]", "data.augment.blur_p=0",
-                                 "optim.grad_clip=null", "model.overrides={mlm: false}", "loss=clip"])
+    cfg = C.load_config(
+        "demo",
+        [
+            "steps=7",
+            "optim.lr=3e-4",
+            "optim.betas=[0.8, 0.9]",
+            "data.augment.blur_p=0",
+            "optim.grad_clip=null",
+            "model.overrides={mlm: false}",
+            "loss=clip",
+        ],
+    )
     assert cfg.steps == 7 and cfg.optim.lr == 3e-4 and cfg.optim.betas == (0.8, 0.9)
     assert cfg.data.augment.blur_p == 0 and cfg.optim.grad_clip is None
     assert cfg.model.overrides == {"mlm": False}
     assert cfg.loss.clip == LOSS_PRESETS["clip"]["clip"] and cfg.loss.mvs == 0
 
 
-@pytest.mark.parametrize("override, name", [("stpes=3", "stpes"), ("optim.lrr=1", "optim.lrr"),
-                                            ("data.augment.blurp=0", "data.augment.blurp"),
-                                            ("loss.nsn=0", "loss.nsn")])
+@pytest.mark.parametrize(
+    "override, name",
+    [
+        ("stpes=3", "stpes"),
+        ("optim.lrr=1", "optim.lrr"),
+        ("data.augment.blurp=0", "data.augment.blurp"),
+        ("loss.nsn=0", "loss.nsn"),
+    ],
+)
 def test_unknown_keys_fail_with_their_dotted_name(override, name):
     with pytest.raises(ValueError, match=f"unknown config key.*{name.replace('.', '[.]')}"):
         C.load_config("demo", [override])
@@ -59,13 +75,16 @@ def test_resolved_config_round_trips(tmp_path):
     assert C.load_config(tmp_path / "config.yaml") == cfg
 
 
-@pytest.mark.parametrize("override, message", [
-    ("model.overrides.vision.widht=64", r"unknown config key\(s\): model[.]overrides[.]vision[.]widht"),
-    ("model.overrides.vision.layers=two", r"model[.]overrides[.]vision[.]layers: expected a number"),
-    ("model.overrides.vision.layers=2.5", r"model[.]overrides[.]vision[.]layers: expected an integer"),
-    ("model.overrides.embed_dims=64", r"model[.]overrides[.]embed_dims"),
-    ("model.preset=declip_huge", r"model[.]preset: unknown preset 'declip_huge'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.overrides.vision.widht=64", r"unknown config key\(s\): model[.]overrides[.]vision[.]widht"),
+        ("model.overrides.vision.layers=two", r"model[.]overrides[.]vision[.]layers: expected a number"),
+        ("model.overrides.vision.layers=2.5", r"model[.]overrides[.]vision[.]layers: expected an integer"),
+        ("model.overrides.embed_dims=64", r"model[.]overrides[.]embed_dims"),
+        ("model.preset=declip_huge", r"model[.]preset: unknown preset 'declip_huge'"),
+    ],
+)
 def test_model_section_is_typed_and_checked_at_parse_time(override, message):
     """Issue 19: a typo or a wrong type in model.* fails where the config is parsed, naming the
     dotted key, before anything is built or written."""
@@ -95,8 +114,14 @@ def test_print_config_shows_the_resolved_model(capsys):
 def test_the_demo_preset_names_its_data_files_and_demo_data_is_a_deprecated_alias():
     cfg = C.load_config("demo")
     assert (cfg.data.beton, cfg.eval.data, cfg.eval.classes) == (
-        "data/demo/train.beton", "data/demo/test.beton", "data/demo/classes.json")
+        "data/demo/train.beton",
+        "data/demo/test.beton",
+        "data/demo/classes.json",
+    )
     with pytest.warns(FutureWarning, match="demo_data is deprecated"):
         old = C.load_config("demo", ["demo_data=elsewhere"])
     assert (old.data.beton, old.eval.data, old.eval.classes) == (
-        "elsewhere/train.beton", "elsewhere/test.beton", "elsewhere/classes.json")
+        "elsewhere/train.beton",
+        "elsewhere/test.beton",
+        "elsewhere/classes.json",
+    )

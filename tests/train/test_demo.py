@@ -18,7 +18,10 @@ def test_demo_preset_learns_zero_shot(tmp_path):
     # What `make demo` does first: the files configs/demo.yaml names, built when missing.
     paths = ensure_demo_data(Path(config.data.beton).parent)
     assert (str(paths.train), str(paths.test), str(paths.classes)) == (
-        config.data.beton, config.eval.data, config.eval.classes)
+        config.data.beton,
+        config.eval.data,
+        config.eval.classes,
+    )
     summary = train(config)
     run = tmp_path / "run"
     assert summary["status"] == "done" and summary["steps"] == config.steps

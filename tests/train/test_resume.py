@@ -58,10 +58,19 @@ def demo_dir(tmp_path_factory):
 
 
 def _args(run_dir, demo_dir):
-    overrides = [f"run_dir={run_dir}", f"data.beton={demo_dir}/train.beton", f"steps={STEPS}",
-                 f"checkpoint_every={EVERY}",
-                 "data.batch_size=32", "data.num_workers=1", "loss.queue_size=64", "eval.data=null",
-                 "progress=false", "tensorboard=false", "plot=false"]
+    overrides = [
+        f"run_dir={run_dir}",
+        f"data.beton={demo_dir}/train.beton",
+        f"steps={STEPS}",
+        f"checkpoint_every={EVERY}",
+        "data.batch_size=32",
+        "data.num_workers=1",
+        "loss.queue_size=64",
+        "eval.data=null",
+        "progress=false",
+        "tensorboard=false",
+        "plot=false",
+    ]
     return ["train", "demo", *overrides]
 
 
@@ -106,8 +115,9 @@ def test_sigkill_then_resume_reproduces_the_trajectory(tmp_path, demo_dir):
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 1)), f"{where}: rows past a checkpoint are redone once"
     for want, got in zip(expected, resumed):
         for key in TERMS:
-            assert got[key] == want[key], (f"step {want['step']} {key}: resumed {got[key]} "
-                                            f"vs uninterrupted {want[key]} ({where})")
+            assert got[key] == want[key], (
+                f"step {want['step']} {key}: resumed {got[key]} vs uninterrupted {want[key]} ({where})"
+            )
 
 
 @pytest.mark.slow

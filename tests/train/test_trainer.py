@@ -16,9 +16,22 @@ STEPS = 5
 
 
 def _config(tmp_path, *extra):
-    return load_config("demo", [f"run_dir={tmp_path / 'run'}", "data.beton=null", "eval.data=null",
-                                "progress=false", "tensorboard=false", "plot=false", "loss.queue_size=16",
-                                "optim.warmup_steps=2", f"steps={STEPS}", "checkpoint_every=1000", *extra])
+    return load_config(
+        "demo",
+        [
+            f"run_dir={tmp_path / 'run'}",
+            "data.beton=null",
+            "eval.data=null",
+            "progress=false",
+            "tensorboard=false",
+            "plot=false",
+            "loss.queue_size=16",
+            "optim.warmup_steps=2",
+            f"steps={STEPS}",
+            "checkpoint_every=1000",
+            *extra,
+        ],
+    )
 
 
 def _run(trainer, rank=0, world=1) -> list[dict]:
@@ -82,8 +95,10 @@ def test_a_non_finite_loss_skips_the_update(tmp_path):
     assert math.isnan(values["total"]) and values["skipped_steps"] == 1 and trainer.bad_in_a_row == 1
     for n, p in trainer.model.named_parameters():
         assert torch.equal(p, before[n]), f"{n} moved on a skipped step"
-    assert all(s == {} or not any(torch.isnan(v).any() for v in s.values() if torch.is_tensor(v))
-               for s in trainer.optimizer.state.values())
+    assert all(
+        s == {} or not any(torch.isnan(v).any() for v in s.values() if torch.is_tensor(v))
+        for s in trainer.optimizer.state.values()
+    )
     trainer.loss_fn.forward = forward
     values = trainer.step(synthetic_batch(2))
     assert math.isfinite(values["total"]) and trainer.bad_in_a_row == 0
