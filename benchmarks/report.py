@@ -35,6 +35,7 @@ PEERS = {
         {"open_clip": "OpenCLIP ClipLoss", "inf_cl": "Inf-CL flash loss"},
     ),
     "bench_nn_lookup": ("top-1 lookup", "ours", {"torch": "torch matmul+max", "faiss": "faiss IndexFlatIP"}),
+    "bench_siglip": ("SigLipLoss fwd+bwd", "ours", {"open_clip": "OpenCLIP SigLipLoss"}),
 }
 
 

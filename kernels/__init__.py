@@ -8,6 +8,8 @@ The functional API, and the one place where the torch / Triton choice is made:
   as ``from declip_fast.kernels import nn_lookup``);
 - :func:`linear_cross_entropy`: the cross-entropy of a linear layer's output without its logits
   (the MLM head's loss; torch only so far, in ``linear_ce``);
+- :func:`siglip_loss`: the sigmoid (SigLIP) loss without its logits, ``mode`` "local" or
+  "gathered" (torch in ``reference_siglip``; the Triton kernel, when present, in ``siglip``);
 - :func:`resolve_impl`: ``impl`` ("auto" | "torch" | "triton") and a tensor to the implementation
   that runs, for a named kernel (``KERNELS``).
 
@@ -25,7 +27,8 @@ import importlib
 IMPLS = ("auto", "torch", "triton")
 MODES = ("symmetric", "rows", "gathered")
 # Kernel name -> its Triton module under declip_fast.kernels (None: no Triton implementation yet).
-KERNELS = {"contrastive": "contrastive", "nn_lookup": "nn_lookup", "linear_ce": None}
+KERNELS = {"contrastive": "contrastive", "nn_lookup": "nn_lookup", "linear_ce": None, "siglip": "siglip"}
+SIGLIP_MODES = ("local", "gathered")
 
 
 def _triton_available(kernel: str) -> bool:
@@ -131,3 +134,59 @@ def linear_cross_entropy(
     from declip_fast.kernels import linear_ce
 
     return linear_ce.linear_cross_entropy(x, weight, bias, targets, ignore_index, reduction, tile)
+
+
+def siglip_loss(
+    image,
+    text,
+    logit_scale,
+    logit_bias,
+    *,
+    offset: int | None = 0,
+    group=None,
+    mode: str = "local",
+    out_dtype=None,
+    impl: str = "auto",
+):
+    """The SigLIP loss ``(1/B) sum_ij softplus(-y_ij (s image_i . text_j + bias))`` without its
+    ``[B, N]`` logits; ``y_ij`` = +1 where ``j == offset + i``, -1 elsewhere (``offset=None``: no
+    positives). ``logit_scale`` and ``logit_bias``: one-element tensors.
+
+    ``mode``:
+      - "local": ``image`` [B, D] against ``text`` [N, D] as given;
+      - "gathered": this rank's share of the global-batch loss: ``image`` this rank's B rows,
+        ``text`` all N = W * B texts gathered with gradient (``all_gather_with_grad``), ``offset``
+        rank * B (checked against ``group`` when a process group is initialized). Each logit
+        depends on its pair alone, so nothing is exchanged here: the value equals OpenCLIP's
+        per-rank SigLipLoss, and the gather's backward sums every rank's text gradients into
+        their owners, which gives OpenCLIP's gradients for every ``dist_impl``.
+    ``out_dtype``: the loss's dtype (None: the inputs'). ``impl``: see :func:`resolve_impl`.
+    """
+    if mode not in SIGLIP_MODES:
+        raise ValueError(f"mode must be one of {SIGLIP_MODES}, got {mode!r}")
+    if mode == "gathered":
+        from declip_fast.kernels.reference_siglip import check_siglip
+
+        check_siglip(image, text, logit_scale, logit_bias, offset, out_dtype)
+        _check_gathered(image, text, offset, group)
+    impl = resolve_impl(impl, image, "siglip")
+    if impl == "triton":
+        from declip_fast.kernels import siglip as mod
+    else:
+        from declip_fast.kernels import reference_siglip as mod
+    return mod.siglip_loss(image, text, logit_scale, logit_bias, offset, out_dtype=out_dtype)
+
+
+def _check_gathered(image, text, offset, group) -> None:
+    """mode="gathered": with an initialized process group, ``text`` must hold world * B rows and
+    ``offset`` be rank * B (without one, the caller's layout is taken as given)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return
+    world, rank, b = dist.get_world_size(group), dist.get_rank(group), image.shape[0]
+    if text.shape[0] != world * b or offset != rank * b:
+        raise ValueError(
+            f"mode='gathered' needs all {world} ranks' texts ({world * b} rows, got {text.shape[0]}) "
+            f"and offset = rank * B = {rank * b}, got {offset!r}"
+        )

@@ -33,6 +33,7 @@ LAYERS: dict[str, int] = {
     "declip_fast.train": 3,
     "declip_fast.eval": 3,
     "declip_fast.cli": 4,
+    "declip_fast.integrations": 4,
 }
 
 

@@ -20,6 +20,9 @@ the global-batch loss's (on Triton the per-rank split of the logit_scale gradien
 OpenCLIP's, its average does not; the torch path gives OpenCLIP's split).
 
 Mixed precision follows one rule, :func:`autocast_inputs`, shared by every contrastive loss here.
+
+``get_logits`` and ``get_ground_truth`` (with the ``labels`` / ``prev_num_logits`` cache) are
+OpenCLIP's, for code that needs the logits themselves: that path stores them, forward never takes it.
 """
 
 from __future__ import annotations
@@ -122,11 +125,15 @@ class ClipLoss(nn.Module):
         kernels.check_impl(impl)
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
-        # Kept for signature compatibility: no labels tensor is ever built, so nothing to cache.
+        # forward builds no labels tensor; cache_labels only applies to get_ground_truth.
         self.cache_labels = cache_labels
         self.rank = rank
         self.world_size = world_size
         self.impl = impl
+        # What OpenCLIP code reads off a ClipLoss (get_ground_truth's cache; horovod is refused).
+        self.use_horovod = False
+        self.prev_num_logits = 0
+        self.labels: dict[torch.device, torch.Tensor] = {}
 
     def _gather(self, features: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
@@ -147,6 +154,48 @@ class ClipLoss(nn.Module):
         b = features.shape[0]
         lo, hi = self.rank * b, (self.rank + 1) * b
         return torch.cat([gathered[:lo], features, gathered[hi:]])
+
+    # -- OpenCLIP's memory-hungry path: the logits, stored -----------------------------------
+    # forward never calls these two. They are OpenCLIP's, for code written against its ClipLoss
+    # that needs the logits themselves (its DistillClipLoss, custom losses, logging): they store
+    # the B x N (or N x N) logits, twice, as OpenCLIP does.
+
+    def get_ground_truth(self, device, num_logits: int) -> torch.Tensor:
+        """OpenCLIP's labels: ``arange(num_logits)``, offset by ``num_logits * rank`` with
+        several ranks and ``local_loss``; cached per device when ``cache_labels``."""
+        if self.prev_num_logits != num_logits or device not in self.labels:
+            labels = torch.arange(num_logits, device=device, dtype=torch.long)
+            if self.world_size > 1 and self.local_loss:
+                labels = labels + num_logits * self.rank
+            if self.cache_labels:
+                self.labels[device] = labels
+                self.prev_num_logits = num_logits
+        else:
+            labels = self.labels[device]
+        return labels
+
+    def get_logits(self, image_features, text_features, logit_scale, logit_bias=None):
+        """OpenCLIP's ``(logits_per_image, logits_per_text)``, stored in full: ``[B, N]`` each with
+        several ranks and ``local_loss`` (this rank's rows against every rank's columns), else
+        ``[N, N]`` over the gathered batch (``logits_per_text`` then a transposed view of
+        ``logits_per_image``, and ``logit_bias`` lands on that one matrix twice, as in OpenCLIP);
+        ``[B, B]`` with one rank. Features are gathered as OpenCLIP's ``gather_features`` does
+        (with gradient for ``gather_with_grad``, else only the local slice keeps one)."""
+        if self.world_size > 1:
+            all_image, all_text = self._gather(image_features), self._gather(text_features)
+            if self.local_loss:
+                logits_per_image = logit_scale * image_features @ all_text.T
+                logits_per_text = logit_scale * text_features @ all_image.T
+            else:
+                logits_per_image = logit_scale * all_image @ all_text.T
+                logits_per_text = logits_per_image.T
+        else:
+            logits_per_image = logit_scale * image_features @ text_features.T
+            logits_per_text = logit_scale * text_features @ image_features.T
+        if logit_bias is not None:
+            logits_per_image += logit_bias
+            logits_per_text += logit_bias
+        return logits_per_image, logits_per_text
 
     def forward(
         self,

@@ -5,6 +5,9 @@ A loss returned in fp16 receives GradScaler's 65536 as its upstream gradient, wh
 fp16 (max 65504): the first step is skipped and the scale halved (and so again whenever it grows
 back to 65536). With the contract (an fp32 loss under autocast, as OpenCLIP's own) every step
 updates the weights.
+
+Also ``python -m declip_fast.integrations.open_clip_train``, the same trainer with every OpenCLIP
+loss we have a drop-in for swapped in (a tiny CoCa, a distillation run), against OpenCLIP's own run.
 """
 
 import json
@@ -163,3 +166,101 @@ def test_amp_fp16_training_with_our_loss_never_skips_a_step(tmp_path):
     # The trainer's own log line per step, "Contrastive_loss: <value> (<mean>)", is finite too.
     logged = [float(v) for v in re.findall(r"Contrastive_loss: (\S+)", log_text)]
     assert len(logged) == iterations and all(math.isfinite(v) for v in logged), log_text[-2000:]
+
+
+# -- declip_fast.integrations.open_clip_train: OpenCLIP's trainer with all our losses swapped in.
+
+# A tiny CoCa on the tiny CLIP's towers (the built-in coca_* configs are ViT-B and up): attentional
+# pooling into 16 image tokens and a 2-layer multimodal decoder over the same 16 text tokens, all
+# as wide as the embedding (as in coca_ViT-B-32).
+TINY_COCA = {
+    "embed_dim": 64,
+    "vision_cfg": {
+        **TINY["vision_cfg"],
+        "attentional_pool": True,
+        "attn_pooler_queries": 16,
+        "attn_pooler_heads": 2,
+        "output_tokens": True,
+    },
+    "text_cfg": {**TINY["text_cfg"], "embed_cls": True, "output_tokens": True},
+    "multimodal_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+    "custom_text": True,
+}
+# A distillation teacher of another width than the student.
+TINY_TEACHER = {**TINY, "embed_dim": 24}
+
+
+def _local_model(root, name, cfg):
+    """A ``local-dir:`` model OpenCLIP builds from its config alone (random weights)."""
+    folder = root / name
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    return f"local-dir:{folder}"
+
+
+def _train(root, module, csv, name, extra):
+    """``python -m module`` (OpenCLIP's trainer or our integration) for 1 epoch of 3 fp32 steps:
+    (stderr, the trainer's out.log)."""
+    argv = ["--train-data", str(csv), "--dataset-type", "csv", "--csv-separator", ","]
+    argv += ["--csv-img-key", "filepath", "--csv-caption-key", "title", "--batch-size", "8", "--epochs", "1"]
+    argv += ["--workers", "0", "--precision", "fp32", "--device", "cpu", "--lr", "1e-3", "--warmup", "1"]
+    argv += ["--save-frequency", "0", "--zeroshot-frequency", "0", "--log-every-n-steps", "1"]
+    argv += ["--logs", str(root / "logs"), "--name", name, "--seed", "0", *extra]
+    result = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stderr, (root / "logs" / name / "out.log").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["coca", "distill"])
+def test_integration_module_matches_open_clips_own_run(tmp_path, case):
+    """The same run twice, OpenCLIP's loss then ours (CoCaLoss; DistillClipLoss with a teacher of
+    another width): every per-step loss the trainer logs (5 significant digits) agrees."""
+    csv = _dataset(tmp_path)
+    if case == "coca":
+        extra = ["--model", _local_model(tmp_path, "tiny-coca", TINY_COCA)]
+        ours_name, keys = "CoCaLoss", ("Contrastive_loss", "Caption_loss")
+    else:
+        extra = ["--model", _local_model(tmp_path, "tiny-clip", TINY)]
+        extra += ["--distill-model", _local_model(tmp_path, "tiny-teacher", TINY_TEACHER)]
+        extra += ["--distill-pretrained", "none"]  # ignored for local-dir: models (random teacher)
+        ours_name, keys = "DistillClipLoss", ("Contrastive_loss", "Distill_loss")
+    _, theirs = _train(tmp_path, "open_clip_train.main", csv, "theirs", extra)
+    banner, ours = _train(tmp_path, "declip_fast.integrations.open_clip_train", csv, "ours", extra)
+    assert ours_name in banner, banner[-2000:]
+    for key in keys:
+        a = [float(v) for v in re.findall(rf"{key}: (\S+) \(", ours)]
+        b = [float(v) for v in re.findall(rf"{key}: (\S+) \(", theirs)]
+        assert len(a) == len(b) == 3, (key, a, b)
+        assert all(math.isfinite(x) for x in a), a
+        # The logs round to 5 significant digits: equal up to one unit in the last place.
+        assert all(abs(x - y) <= 2e-4 * abs(y) for x, y in zip(a, b)), (key, a, b)
+
+
+def test_integration_install_swaps_the_trainers_loss_classes():
+    """``create_loss`` (what the trainer calls) builds ours once installed, OpenCLIP's again after."""
+    import argparse
+
+    import open_clip
+    import open_clip.factory
+
+    from declip_fast import losses
+    from declip_fast.integrations import open_clip_train as integration
+
+    base = dict(local_loss=False, gather_with_grad=False, rank=0, world_size=1, horovod=False, siglip=False)
+    base.update(coca_caption_loss_weight=2.0, coca_contrastive_loss_weight=1.0, loss_dist_impl=None)
+    cases = {
+        "ClipLoss": argparse.Namespace(**base, distill=False, model="ViT-B-32"),
+        "CoCaLoss": argparse.Namespace(**base, distill=False, model="coca_ViT-B-32"),
+        "DistillClipLoss": argparse.Namespace(**base, distill=True, model="ViT-B-32"),
+    }
+    replaced = integration.install()
+    try:
+        for name, args in cases.items():
+            assert type(open_clip.factory.create_loss(args)) is getattr(losses, name)
+            assert open_clip.loss.__dict__[name] is getattr(losses, name)
+        assert {"ClipLoss", "CoCaLoss", "DistillClipLoss"} <= {name for _, name, _ in replaced}
+    finally:
+        integration.uninstall(replaced)
+    for args in cases.values():
+        assert type(open_clip.factory.create_loss(args)).__module__ == "open_clip.loss"

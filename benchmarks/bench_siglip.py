@@ -1,0 +1,140 @@
+"""SigLipLoss on the CPU: declip_fast (tiled, gradients in the forward, no stored logits) against
+OpenCLIP's SigLipLoss (dense logits, labels and log-sigmoid).
+
+Forward + backward, fp32, D = 512, one process, logit_scale and logit_bias learned. For each N:
+the median time over a few rounds (pytest-benchmark) and the peak extra memory of one step
+measured in a fresh process (this module run as a script, the same probe as
+benchmarks/peak_memory.py: the resident-set high-water mark reset before the step), both stored
+in ``extra_info``. After the last case a table prints the ratios ours / OpenCLIP and our rate in
+GFLOP/s (6 N^2 D: the three products both implementations run) as a fraction of this machine's
+fp32 matrix-product rate, measured in the same run.
+
+``BENCH_SIGLIP_N`` (comma-separated sizes) replaces the sizes for a quick run (e.g. 256).
+The probe alone: ``python -m benchmarks.bench_siglip --impl ours --n 4096 --d 512`` prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+D = 512
+SIZES = [int(n) for n in os.environ.get("BENCH_SIGLIP_N", "4096,16384").split(",")]
+IMPLS = ["ours", "open_clip"]
+ROUNDS = {4096: 5, 16384: 2}  # other sizes: 3
+_measured: dict[tuple[str, int], dict] = {}
+
+
+def loss_module(impl: str):
+    if impl == "ours":
+        from declip_fast.losses import SigLipLoss
+    elif impl == "open_clip":
+        from open_clip.loss import SigLipLoss
+    else:
+        raise ValueError(f"unknown impl {impl!r}")
+    return SigLipLoss()
+
+
+def make_inputs(n: int, d: int, dtype, seed: int = 0):
+    """Correlated unit features, logit_scale 10 and logit_bias -10 (SigLIP's initial values),
+    all requiring grad."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    img = torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=-1).to(dtype)
+    txt = torch.nn.functional.normalize(torch.randn(n, d, generator=gen) + img, dim=-1).to(dtype)
+    scalars = torch.tensor(10.0), torch.tensor(-10.0)
+    return tuple(t.requires_grad_(True) for t in (img, txt, *scalars))
+
+
+def measure(impl: str, n: int, d: int, dtype: str = "float32") -> dict:
+    """Peak extra resident memory of one forward + backward (see benchmarks/peak_memory.py)."""
+    import torch
+
+    from benchmarks.peak_memory import _status_kib
+
+    loss_fn = loss_module(impl)
+    # A small warm-up step first: one-off costs (math libraries, thread pools) are not charged.
+    loss_fn(*make_inputs(min(n, 256), d, getattr(torch, dtype))).backward()
+    inputs = make_inputs(n, d, getattr(torch, dtype))
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident set
+    loss_fn(*inputs).backward()
+    peak = _status_kib("VmHWM")
+    return {"impl": impl, "n": n, "d": d, "extra_bytes": (peak - before) * 1024}
+
+
+def _peak_extra_bytes(impl: str, n: int) -> int:
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_siglip", "--impl", impl, "--n", str(n), "--d", str(D)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
+    )
+    return json.loads(out.stdout)["extra_bytes"]
+
+
+@pytest.fixture(scope="module")
+def matmul_peak():
+    from benchmarks.peaks import cpu_fp32_matmul_gflops
+
+    return cpu_fp32_matmul_gflops(d=D)
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_siglip_forward_backward(benchmark, report, matmul_peak, impl, n):
+    import torch
+
+    loss_fn = loss_module(impl)
+
+    def setup():
+        return make_inputs(n, D, torch.float32), {}
+
+    def step(img, txt, scale, bias):
+        loss_fn(img, txt, scale, bias).backward()
+
+    benchmark.pedantic(step, setup=setup, rounds=ROUNDS.get(n, 3), warmup_rounds=0)
+    median = benchmark.stats.stats.median
+    extra = _peak_extra_bytes(impl, n)
+    benchmark.extra_info.update(median_s=median, peak_extra_bytes=extra, n=n, d=D, dtype="float32")
+    _measured[(impl, n)] = {"median": median, "extra": extra}
+
+    if impl == IMPLS[-1] and ("ours", n) in _measured:  # both measured for this n: one table row
+        ours, theirs = _measured[("ours", n)], _measured[("open_clip", n)]
+        gflops = 6 * n * n * D / ours["median"] / 1e9
+        report(
+            "SigLipLoss fwd+bwd on CPU, fp32, D=512: declip_fast vs OpenCLIP",
+            N=n,
+            ours_s=f"{ours['median']:.3f}",
+            open_clip_s=f"{theirs['median']:.3f}",
+            time_ratio=f"{ours['median'] / theirs['median']:.2f}x",
+            ours_MiB=f"{ours['extra'] / 2**20:.0f}",
+            open_clip_MiB=f"{theirs['extra'] / 2**20:.0f}",
+            memory_ratio=f"1/{theirs['extra'] / max(ours['extra'], 1):.1f}",
+            ours_GFLOPs=f"{gflops:.0f}",
+            of_matmul_peak=f"{gflops / matmul_peak:.0%} of {matmul_peak:.0f}",
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Peak extra memory of one SigLIP loss forward + backward.")
+    parser.add_argument("--impl", required=True, choices=IMPLS)
+    parser.add_argument("--n", type=int, required=True)
+    parser.add_argument("--d", type=int, required=True)
+    parser.add_argument("--dtype", default="float32")
+    args = parser.parse_args()
+    print(json.dumps(measure(args.impl, args.n, args.d, args.dtype)))
+
+
+if __name__ == "__main__":
+    main()
