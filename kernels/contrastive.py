@@ -166,8 +166,10 @@ def _owner_pass(p, q, scale32, mult, own, other, shift, w_own, w_other, want_ds)
     splits = max(1, min(splits, SPLIT_WORKSPACE_BYTES // (4 * n_p * d)))
     f32 = dict(dtype=torch.float32, device=p.device)
     out = torch.empty((n_p, d), dtype=p.dtype, device=p.device) if splits == 1 else torch.empty((splits, n_p, d), **f32)
-    # One d-scale slot per (range, owner block of the smallest BP); unused slots stay zero.
-    ds = torch.zeros((splits * triton.cdiv(n_p, 16),), **f32) if want_ds else mult
+    # One d-scale slot per (range, owner block of the smallest BP); unused slots stay zero (the
+    # autotuner re-zeroes them after its trials). Its own buffer even when not wanted: never
+    # alias another argument with a buffer the autotuner zeroes.
+    ds = torch.zeros((splits * triton.cdiv(n_p, 16),), **f32)
     unused = (own or other)[0]  # a valid pointer for the statistics a pass does not read
     own_m, own_l = own if own is not None else (unused, unused)
     oth_m, oth_l = other if other is not None else (unused, unused)

@@ -211,7 +211,10 @@ def _fwd_kernel(
         tl.store(row_l_ptr + slot, l_i, mask=rmask)
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=BWD_KEY, prune_configs_by=BWD_PRUNE)
+# reset_to_zero: the d-scale slots a program writes depend on BP (one per owner block), so a
+# config tried while autotuning can leave values in slots the chosen config does not write;
+# the autotuner zeroes them after the trials, before the real launch.
+@triton.autotune(configs=BWD_CONFIGS, key=BWD_KEY, prune_configs_by=BWD_PRUNE, reset_to_zero=["ds_ptr"])
 @triton.jit
 def _bwd_kernel(
     # pointers: the owned side p [P, D], the other side q [Q, D], their base-2 statistics

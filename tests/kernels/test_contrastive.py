@@ -298,3 +298,36 @@ def test_gpu_runs_are_bit_identical(dtype, rng):
     s = torch.tensor(30.0, device=DEVICE)
     first, second = _grads(contrastive.clip_loss, a, b, s), _grads(contrastive.clip_loss, a, b, s)
     assert all(torch.equal(x, y) for x, y in zip(first, second))
+
+
+def test_autotune_trials_leave_no_stale_scale_partials(monkeypatch, rng):
+    """The backward's d-scale slots depend on the config's BP. Autotuning runs every config on the
+    real buffers first: a BP=32 trial writes twice the slots of the BP=64 config that wins, and
+    the winner's launch must not add the trial's leftovers (a wrong d scale at the first step of
+    every new shape on a GPU). The interpreter autotunes nothing (one config), so two configs and
+    a benchmark clock that prefers the later one are put in here."""
+    import triton
+
+    kernel = contrastive._bwd_kernel
+    base = dict(BQ=64, BK=128, BD=64)
+    configs = [triton.Config(dict(base, BP=bp), num_warps=4, num_stages=1) for bp in (32, 64)]
+    monkeypatch.setattr(kernel, "configs", configs)
+    monkeypatch.setattr(kernel, "early_config_prune", lambda cfgs, nargs, **kw: cfgs)
+    monkeypatch.setattr(kernel, "cache", {})
+    clock = iter([2.0, 1.0] * 8)  # the first config tried is the slower one
+
+    def fake_bench(kernel_call, quantiles):
+        kernel_call()  # a trial launch, as do_bench makes: it writes the buffers
+        t = next(clock)
+        return [t, t, t]
+
+    monkeypatch.setitem(kernel.__dict__, "do_bench", fake_bench)
+    a, b = _pair(200, 200, 64, torch.float32, rng)
+    scale = torch.tensor(20.0, device=DEVICE, requires_grad=True)
+    contrastive.clip_loss(a, b, scale).backward()
+    assert {k: v.kwargs["BP"] for k, v in kernel.cache.items()} and all(
+        c.kwargs["BP"] == 64 for c in kernel.cache.values()
+    ), "the benchmark clock should have picked BP=64"
+    exact = scale.detach().double().requires_grad_()
+    reference.clip_loss_dense(a.double(), b.double(), exact).backward()
+    assert scale.grad.item() == pytest.approx(exact.grad.item(), rel=1e-5, abs=1e-6)
