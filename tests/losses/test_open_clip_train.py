@@ -6,10 +6,13 @@ fp16 (max 65504): the first step is skipped and the scale halved (and so again w
 back to 65536). With the contract (an fp32 loss under autocast, as OpenCLIP's own) every step
 updates the weights.
 
-Also ``python -m declip_fast.integrations.open_clip_train``, the same trainer with every OpenCLIP
-loss we have a drop-in for swapped in (a tiny CoCa, a distillation run), against OpenCLIP's own run.
+Also ``declip_fast.integrations.open_clip_train``, the same trainer with every OpenCLIP loss we
+have a drop-in for swapped in, against OpenCLIP's own run: CLIP, SigLIP, a tiny CoCa and a
+distillation run, in fp32 and amp_bf16, and CLIP and SigLIP on 2 gloo ranks, every loss term of
+every step (tests/losses/open_clip_harness.py runs the trainer).
 """
 
+import itertools
 import json
 import math
 import re
@@ -19,8 +22,10 @@ import textwrap
 
 import pytest
 
+from tests.losses.open_clip_harness import dataset, launch, local_model, trainer_argv
+
 pytest.importorskip("open_clip_train.main", reason="open_clip_train needs open-clip-torch[training]")
-Image = pytest.importorskip("PIL.Image")
+pytest.importorskip("PIL.Image")
 
 # A tiny CLIP: 2-layer ViT on 32 px crops and a 2-layer text tower over 16 tokens, so that a
 # handful of steps take seconds on two cores.
@@ -78,27 +83,9 @@ LAUNCHER = """
 """
 
 
-def _dataset(root, n=24):
-    """``n`` 40 px JPEGs (a colour and a stripe each) and a caption naming them, as a CSV."""
-    rows = ["filepath,title"]
-    colours = ["red", "green", "blue", "yellow"]
-    values = [(220, 30, 30), (30, 200, 40), (40, 50, 230), (230, 220, 40)]
-    for i in range(n):
-        c = i % len(colours)
-        image = Image.new("RGB", (40, 40), values[c])
-        for x in range(0, 40, 2 + i % 5):
-            image.paste((255, 255, 255), (x, 0, x + 1, 40))
-        path = root / f"{i}.jpg"
-        image.save(path, quality=90)
-        rows.append(f"{path},a {colours[c]} square with {2 + i % 5} pixel stripes")
-    csv = root / "train.csv"
-    csv.write_text("\n".join(rows) + "\n")
-    return csv
-
-
 @pytest.mark.slow
-def test_amp_fp16_training_with_our_loss_never_skips_a_step(tmp_path):
-    csv = _dataset(tmp_path)
+def test_amp_fp16_training_with_our_loss_never_skips_a_step(pairs, tmp_path):
+    csv, _ = pairs
     config = tmp_path / "tiny-clip.json"
     config.write_text(json.dumps(TINY))
     launcher = tmp_path / "launch.py"
@@ -190,51 +177,102 @@ TINY_COCA = {
 TINY_TEACHER = {**TINY, "embed_dim": 24}
 
 
-def _local_model(root, name, cfg):
-    """A ``local-dir:`` model OpenCLIP builds from its config alone (random weights)."""
-    folder = root / name
-    folder.mkdir()
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
-    return f"local-dir:{folder}"
+# OpenCLIP's own run against the swapped one, every loss family in both precisions, in one process
+# (tests/losses/open_clip_harness.py): every loss term of every step, as the loss returned it.
+FAMILIES = {"clip": "ClipLoss", "siglip": "SigLipLoss", "coca": "CoCaLoss", "distill": "DistillClipLoss"}
+PRECISIONS = ("fp32", "amp_bf16")
+# Relative tolerances, (first step, later steps). fp32: the same features in, the same loss out up
+# to fp32 rounding and summation order; 1e-5 is ~80 ulps over 3 steps (measured: 3.1e-7 at worst,
+# distill; 1-1.3e-7 CLIP, SigLIP, CoCa; 2.8e-7 on 2 ranks). amp_bf16: both runs see the same bf16
+# features at the first step, but OpenCLIP's loss forms the logits in bf16 under autocast (and
+# returns SigLIP's and the distillation loss in bf16) where ours works in fp32: they differ by bf16
+# rounding, u = 2**-8 relative, so 2u at the first step (measured 3.7e-3, SigLIP: exactly the bf16
+# rounding of OpenCLIP's loss value; 3.9e-4 CLIP, 2.1e-4 CoCa, 3.1e-3 distill). The gradients then
+# differ at that level too and so do the next steps' weights: 4u for the later steps (measured
+# 5.4e-3 at worst, CLIP's second step; CoCa 4.3e-3, distill 5.2e-3, SigLIP 2.1e-3).
+RTOL = {"fp32": (1e-5, 1e-5), "amp_bf16": (2**-7, 2**-6)}
 
 
-def _train(root, module, csv, name, extra):
-    """``python -m module`` (OpenCLIP's trainer or our integration) for 1 epoch of 3 fp32 steps:
-    (stderr, the trainer's out.log)."""
-    argv = ["--train-data", str(csv), "--dataset-type", "csv", "--csv-separator", ","]
-    argv += ["--csv-img-key", "filepath", "--csv-caption-key", "title", "--batch-size", "8", "--epochs", "1"]
-    argv += ["--workers", "0", "--precision", "fp32", "--device", "cpu", "--lr", "1e-3", "--warmup", "1"]
-    argv += ["--save-frequency", "0", "--zeroshot-frequency", "0", "--log-every-n-steps", "1"]
-    argv += ["--logs", str(root / "logs"), "--name", name, "--seed", "0", *extra]
-    result = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stderr, (root / "logs" / name / "out.log").read_text()
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """The 24 pairs' CSV and ``--model`` arguments per family, once per module."""
+    root = tmp_path_factory.mktemp("open-clip-train")
+    clip = ["--model", local_model(root, "tiny-clip", TINY)]
+    teacher = ["--distill-model", local_model(root, "tiny-teacher", TINY_TEACHER)]
+    models = {
+        "clip": clip,
+        "siglip": [*clip, "--siglip"],  # the trainer then inits logit_scale log(10) and logit_bias -10
+        "coca": ["--model", local_model(root, "tiny-coca", TINY_COCA)],
+        # --distill-pretrained is ignored for local-dir: models (a random teacher) but switches distillation on.
+        "distill": [*clip, *teacher, "--distill-pretrained", "none"],
+    }
+    return dataset(root), models
+
+
+@pytest.fixture(scope="module")
+def one_rank(pairs, tmp_path_factory):
+    """Each family in each precision, OpenCLIP's losses then ours: (record, stderr)."""
+    csv, models = pairs
+    folder = tmp_path_factory.mktemp("one-rank")
+    runs = []
+    for ours in (False, True):
+        for family, precision in itertools.product(FAMILIES, PRECISIONS):
+            name = f"{family}-{precision}-{'ours' if ours else 'theirs'}"
+            argv = trainer_argv(csv, folder / "logs", name, *models[family], precision=precision)
+            runs.append({"name": name, "ours": ours, "argv": argv})
+    records, stderr = launch(folder, runs)
+    return records[0], stderr
+
+
+def _assert_same_losses(theirs, ours, cls, rtol, steps=3):
+    """OpenCLIP's ``cls`` in ``theirs``, ours in ``ours``, and every term of every step within ``rtol``
+    (first step, later steps) of OpenCLIP's."""
+    assert theirs["cls"] == f"open_clip.loss.{cls}", theirs["cls"]
+    assert ours["cls"].startswith("declip_fast.losses.") and ours["cls"].endswith(f".{cls}"), ours["cls"]
+    assert len(theirs["steps"]) == len(ours["steps"]) == steps, (theirs["steps"], ours["steps"])
+    assert all(d == ["torch.float32"] for d in ours["dtypes"]), ours["dtypes"]
+    for step, (a, b) in enumerate(zip(ours["steps"], theirs["steps"])):
+        assert a.keys() == b.keys(), (a, b)
+        for key in a:
+            assert math.isfinite(a[key]), (step, key, a)
+            tol = rtol[step > 0] * abs(b[key])
+            assert abs(a[key] - b[key]) <= tol, (step, key, a[key], b[key], rtol)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["coca", "distill"])
-def test_integration_module_matches_open_clips_own_run(tmp_path, case):
-    """The same run twice, OpenCLIP's loss then ours (CoCaLoss; DistillClipLoss with a teacher of
-    another width): every per-step loss the trainer logs (5 significant digits) agrees."""
-    csv = _dataset(tmp_path)
-    if case == "coca":
-        extra = ["--model", _local_model(tmp_path, "tiny-coca", TINY_COCA)]
-        ours_name, keys = "CoCaLoss", ("Contrastive_loss", "Caption_loss")
-    else:
-        extra = ["--model", _local_model(tmp_path, "tiny-clip", TINY)]
-        extra += ["--distill-model", _local_model(tmp_path, "tiny-teacher", TINY_TEACHER)]
-        extra += ["--distill-pretrained", "none"]  # ignored for local-dir: models (random teacher)
-        ours_name, keys = "DistillClipLoss", ("Contrastive_loss", "Distill_loss")
-    _, theirs = _train(tmp_path, "open_clip_train.main", csv, "theirs", extra)
-    banner, ours = _train(tmp_path, "declip_fast.integrations.open_clip_train", csv, "ours", extra)
-    assert ours_name in banner, banner[-2000:]
-    for key in keys:
-        a = [float(v) for v in re.findall(rf"{key}: (\S+) \(", ours)]
-        b = [float(v) for v in re.findall(rf"{key}: (\S+) \(", theirs)]
-        assert len(a) == len(b) == 3, (key, a, b)
-        assert all(math.isfinite(x) for x in a), a
-        # The logs round to 5 significant digits: equal up to one unit in the last place.
-        assert all(abs(x - y) <= 2e-4 * abs(y) for x, y in zip(a, b)), (key, a, b)
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_swapped_run_matches_open_clips_own(one_rank, family, precision):
+    """The trainer's run with our loss computes the same loss at every step as with OpenCLIP's."""
+    record, stderr = one_rank
+    assert "declip_fast.losses ClipLoss, CoCaLoss, DistillClipLoss, SigLipLoss" in stderr, stderr[-2000:]
+    theirs, ours = record[f"{family}-{precision}-theirs"], record[f"{family}-{precision}-ours"]
+    _assert_same_losses(theirs, ours, FAMILIES[family], RTOL[precision])
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_swapped_run_matches_open_clips_own_on_two_gloo_ranks(pairs, tmp_path):
+    """2 gloo ranks (OpenCLIP's own init: ``WORLD_SIZE``/``RANK`` in the environment, ``--dist-backend
+    gloo``, a ``file://`` rendezvous; 12 pairs each, 3 steps of 4): CLIP with
+    ``--local-loss --gather-with-grad`` and SigLIP (its default bidir exchange) give each rank the
+    same losses with ours as with OpenCLIP's."""
+    csv, models = pairs
+    cases = {"clip": [*models["clip"], "--local-loss", "--gather-with-grad"], "siglip": models["siglip"]}
+    runs = []
+    for ours in (False, True):
+        for family, extra in cases.items():
+            name = f"{family}-{'ours' if ours else 'theirs'}"
+            argv = trainer_argv(csv, tmp_path / "logs", name, *extra, batch=4)
+            runs.append({"name": name, "ours": ours, "argv": argv})
+    records, _ = launch(tmp_path, runs, world=2)
+    for family in cases:
+        for record in records.values():
+            theirs, ours = record[f"{family}-theirs"], record[f"{family}-ours"]
+            assert theirs["world_size"] == ours["world_size"] == 2, (theirs, ours)
+            _assert_same_losses(theirs, ours, FAMILIES[family], RTOL["fp32"])
+        # Each rank its own half of the data: the ranks' losses differ.
+        assert records[0][f"{family}-ours"]["steps"] != records[1][f"{family}-ours"]["steps"]
 
 
 def test_integration_install_swaps_the_trainers_loss_classes():
