@@ -36,6 +36,11 @@ PEERS = {
     ),
     "bench_nn_lookup": ("top-1 lookup", "ours", {"torch": "torch matmul+max", "faiss": "faiss IndexFlatIP"}),
     "bench_siglip": ("SigLipLoss fwd+bwd", "ours", {"open_clip": "OpenCLIP SigLipLoss"}),
+    "bench_siglip_gpu": (
+        "SigLipLoss fwd+bwd, bf16",
+        "ours",
+        {"open_clip": "OpenCLIP SigLipLoss", "siglip_kernel": "siglip-kernel fused_siglip_loss"},
+    ),
 }
 
 
