@@ -12,35 +12,19 @@ benchmark plumbing (tests/bench) runs N = 256 to make a real results file in sec
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from benchmarks.peaks import cpu_fp32_matmul_gflops
-from benchmarks.peak_memory import loss_module, make_inputs
+from benchmarks.peak_memory import in_fresh_process, loss_module, make_inputs
 
-REPO = Path(__file__).resolve().parent.parent
 D = 512
 SIZES = [int(n) for n in os.environ.get("BENCH_CLIP_LOSS_N", "4096,16384").split(",")]
 IMPLS = ["ours", "open_clip"]
 ROUNDS = {4096: 5, 16384: 2}  # other sizes: 3
 _measured: dict[tuple[str, int], dict] = {}
-
-
-def _peak_extra_bytes(impl: str, n: int) -> int:
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.peak_memory", "--impl", impl, "--n", str(n), "--d", str(D)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        check=True,
-    )
-    return json.loads(out.stdout)["extra_bytes"]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +45,7 @@ def test_clip_loss_forward_backward(benchmark, report, matmul_peak, impl, n):
 
     benchmark.pedantic(step, setup=setup, rounds=ROUNDS.get(n, 3), warmup_rounds=0)
     median = benchmark.stats.stats.median
-    extra = _peak_extra_bytes(impl, n)
+    extra = in_fresh_process("benchmarks.peak_memory", impl, n, D)
     benchmark.extra_info.update(median_s=median, peak_extra_bytes=extra, n=n, d=D, dtype="float32")
     _measured[(impl, n)] = {"median": median, "extra": extra}
 

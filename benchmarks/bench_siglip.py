@@ -18,13 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
 D = 512
 SIZES = [int(n) for n in os.environ.get("BENCH_SIGLIP_N", "4096,16384").split(",")]
 IMPLS = ["ours", "open_clip"]
@@ -58,29 +54,14 @@ def measure(impl: str, n: int, d: int, dtype: str = "float32") -> dict:
     """Peak extra resident memory of one forward + backward (see benchmarks/peak_memory.py)."""
     import torch
 
-    from benchmarks.peak_memory import _status_kib
+    from benchmarks.peak_memory import step_extra_bytes
 
     loss_fn = loss_module(impl)
     # A small warm-up step first: one-off costs (math libraries, thread pools) are not charged.
     loss_fn(*make_inputs(min(n, 256), d, getattr(torch, dtype))).backward()
     inputs = make_inputs(n, d, getattr(torch, dtype))
-    before = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current resident set
-    loss_fn(*inputs).backward()
-    peak = _status_kib("VmHWM")
-    return {"impl": impl, "n": n, "d": d, "extra_bytes": (peak - before) * 1024}
-
-
-def _peak_extra_bytes(impl: str, n: int) -> int:
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_siglip", "--impl", impl, "--n", str(n), "--d", str(D)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        check=True,
-    )
-    return json.loads(out.stdout)["extra_bytes"]
+    extra = step_extra_bytes(lambda: loss_fn(*inputs).backward())
+    return {"impl": impl, "n": n, "d": d, "extra_bytes": extra}
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +86,9 @@ def test_siglip_forward_backward(benchmark, report, matmul_peak, impl, n):
 
     benchmark.pedantic(step, setup=setup, rounds=ROUNDS.get(n, 3), warmup_rounds=0)
     median = benchmark.stats.stats.median
-    extra = _peak_extra_bytes(impl, n)
+    from benchmarks.peak_memory import in_fresh_process
+
+    extra = in_fresh_process("benchmarks.bench_siglip", impl, n, D)
     benchmark.extra_info.update(median_s=median, peak_extra_bytes=extra, n=n, d=D, dtype="float32")
     _measured[(impl, n)] = {"median": median, "extra": extra}
 

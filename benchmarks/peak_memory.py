@@ -11,6 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _status_kib(field: str) -> int:
@@ -41,6 +46,24 @@ def make_inputs(n: int, d: int, dtype, seed: int = 0):
     return img.requires_grad_(True), txt.requires_grad_(True), scale.requires_grad_(True)
 
 
+def step_extra_bytes(step) -> int:
+    """Peak extra resident bytes while ``step()`` runs: the high-water mark is reset to the
+    current resident set first (the caller has warmed up and allocated the inputs)."""
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident set
+    step()
+    return (_status_kib("VmHWM") - before) * 1024
+
+
+def in_fresh_process(module: str, impl: str, n: int, d: int) -> int:
+    """``python -m module --impl IMPL --n N --d D`` (a probe printing this module's JSON):
+    the extra bytes it measured, in a process of its own."""
+    cmd = [sys.executable, "-m", module, "--impl", impl, "--n", str(n), "--d", str(d)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=True)
+    return json.loads(out.stdout)["extra_bytes"]
+
+
 def measure(impl: str, n: int, d: int, dtype: str = "float32") -> dict:
     import torch
 
@@ -49,12 +72,8 @@ def measure(impl: str, n: int, d: int, dtype: str = "float32") -> dict:
     # are not charged to the step being measured.
     loss_fn(*make_inputs(min(n, 256), d, getattr(torch, dtype))).backward()
     img, txt, scale = make_inputs(n, d, getattr(torch, dtype))
-    before = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current resident set
-    loss_fn(img, txt, scale).backward()
-    peak = _status_kib("VmHWM")
-    return {"impl": impl, "n": n, "d": d, "extra_bytes": (peak - before) * 1024}
+    extra = step_extra_bytes(lambda: loss_fn(img, txt, scale).backward())
+    return {"impl": impl, "n": n, "d": d, "extra_bytes": extra}
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from pathlib import Path
 
 import yaml
 
@@ -97,7 +98,7 @@ def apply_override(values: dict, text: str, cls=None) -> None:
 def load_yaml(path) -> dict:
     """A YAML file's mapping ({} when empty); a syntax error names the file."""
     try:
-        values = yaml.safe_load(open(path).read()) or {}
+        values = yaml.safe_load(Path(path).read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigKeyError(f"{path}: not valid YAML ({err})") from err
     _check_mapping(values, "")

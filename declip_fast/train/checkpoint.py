@@ -261,7 +261,7 @@ class Checkpointer:
         ``states``: named stateful components (``state_dict()`` / ``load_state_dict()``: the
         trainer's counters, the loader's position, the loss module's queue), whose state dicts
         are the same on every rank; ``extra``: more plain values and tensors of that kind. Both
-        go into ``state.pt`` and come back from ``load`` (``states`` restored in place).
+        go into ``state.pt`` and come back from ``load``.
         """
         extra = dict(extra or {})
         for name, component in (states or {}).items():
@@ -315,10 +315,11 @@ class Checkpointer:
 
     # ------------------------------------------------------------------------- load
 
-    def load(self, path: str | os.PathLike, model, optimizer, scheduler=None, states: dict | None = None) -> dict:
-        """Restore model, optimizer, scheduler, this rank's RNG and each of ``states`` (whose
-        names are keys of the saved state; a missing one is a KeyError) in place from checkpoint
-        ``path`` (collective); returns the saved ``extra`` with ``"step"`` set."""
+    def load(self, path: str | os.PathLike, model, optimizer, scheduler=None) -> dict:
+        """Restore model, optimizer, scheduler and this rank's RNG in place from checkpoint
+        ``path`` (collective); returns the saved ``extra`` with ``"step"`` set, holding the state
+        dict of each component ``save`` was given, for the caller to restore (the trainer first
+        reads checkpoints of the earlier flat layout into that form)."""
         path = check_complete(path)
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
         model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -330,10 +331,6 @@ class Checkpointer:
             if state["scheduler"] is None:
                 raise ValueError(f"checkpoint {path} holds no scheduler state")
             scheduler.load_state_dict(state["scheduler"])
-        for name, component in (states or {}).items():
-            if name not in state["extra"]:
-                raise KeyError(f"checkpoint {path} holds no {name!r} state")
-            component.load_state_dict(state["extra"][name])
         self._load_rng(path, state["world_size"])
         return {**state["extra"], "step": state["step"]}
 
