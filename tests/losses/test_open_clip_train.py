@@ -8,7 +8,7 @@ updates the weights.
 
 Also ``declip_fast.integrations.open_clip_train``, the same trainer with every OpenCLIP loss we
 have a drop-in for swapped in, against OpenCLIP's own run: CLIP, SigLIP, a tiny CoCa and a
-distillation run, in fp32 and amp_bf16, and CLIP and SigLIP on 2 gloo ranks, every loss term of
+distillation run, in fp32 and amp_bf16, on 1 and 2 gloo ranks (SigLIP in each exchange), every loss term of
 every step (tests/losses/open_clip_harness.py runs the trainer).
 """
 
@@ -250,29 +250,47 @@ def test_swapped_run_matches_open_clips_own(one_rank, family, precision):
     _assert_same_losses(theirs, ours, FAMILIES[family], RTOL[precision])
 
 
+# The 2-rank cases: CLIP with --local-loss --gather-with-grad, SigLIP in each of OpenCLIP's
+# --loss-dist-impl exchanges (bidir is its default), CoCa with the trainer's defaults, distillation
+# with the local loss; every family in fp32 and in amp_bf16 (SigLIP's default exchange).
+SIGLIP_IMPLS = ("bidir", "shift", "reduce", "gather")
+
+
+def _two_rank_cases(models):
+    cases = {}
+    for precision in PRECISIONS:
+        cases[f"clip-{precision}"] = ("clip", precision, [*models["clip"], "--local-loss", "--gather-with-grad"])
+        for impl in SIGLIP_IMPLS if precision == "fp32" else SIGLIP_IMPLS[:1]:
+            cases[f"siglip-{impl}-{precision}"] = ("siglip", precision, [*models["siglip"], "--loss-dist-impl", impl])
+        cases[f"coca-{precision}"] = ("coca", precision, models["coca"])
+        local = ["--local-loss", "--gather-with-grad"]  # without: every rank computes the same global loss
+        cases[f"distill-{precision}"] = ("distill", precision, [*models["distill"], *local])
+    return cases
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_swapped_run_matches_open_clips_own_on_two_gloo_ranks(pairs, tmp_path):
     """2 gloo ranks (OpenCLIP's own init: ``WORLD_SIZE``/``RANK`` in the environment, ``--dist-backend
-    gloo``, a ``file://`` rendezvous; 12 pairs each, 3 steps of 4): CLIP with
-    ``--local-loss --gather-with-grad`` and SigLIP (its default bidir exchange) give each rank the
-    same losses with ours as with OpenCLIP's."""
+    gloo``, a ``file://`` rendezvous; 12 pairs each, 3 steps of 4): every loss family in fp32 and
+    amp_bf16, SigLIP in each distributed exchange, gives each rank the same losses with ours as
+    with OpenCLIP's."""
     csv, models = pairs
-    cases = {"clip": [*models["clip"], "--local-loss", "--gather-with-grad"], "siglip": models["siglip"]}
+    cases = _two_rank_cases(models)
     runs = []
     for ours in (False, True):
-        for family, extra in cases.items():
-            name = f"{family}-{'ours' if ours else 'theirs'}"
-            argv = trainer_argv(csv, tmp_path / "logs", name, *extra, batch=4)
+        for case, (_, precision, extra) in cases.items():
+            name = f"{case}-{'ours' if ours else 'theirs'}"
+            argv = trainer_argv(csv, tmp_path / "logs", name, *extra, batch=4, precision=precision)
             runs.append({"name": name, "ours": ours, "argv": argv})
     records, _ = launch(tmp_path, runs, world=2)
-    for family in cases:
+    for case, (family, precision, _) in cases.items():
         for record in records.values():
-            theirs, ours = record[f"{family}-theirs"], record[f"{family}-ours"]
-            assert theirs["world_size"] == ours["world_size"] == 2, (theirs, ours)
-            _assert_same_losses(theirs, ours, FAMILIES[family], RTOL["fp32"])
+            theirs, ours = record[f"{case}-theirs"], record[f"{case}-ours"]
+            assert theirs["world_size"] == ours["world_size"] == 2, (case, theirs, ours)
+            _assert_same_losses(theirs, ours, FAMILIES[family], RTOL[precision])
         # Each rank its own half of the data: the ranks' losses differ.
-        assert records[0][f"{family}-ours"]["steps"] != records[1][f"{family}-ours"]["steps"]
+        assert records[0][f"{case}-ours"]["steps"] != records[1][f"{case}-ours"]["steps"], case
 
 
 def test_integration_install_swaps_the_trainers_loss_classes():
