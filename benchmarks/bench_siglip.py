@@ -1,5 +1,10 @@
 """SigLipLoss on the CPU: declip_fast (tiled, gradients in the forward, no stored logits) against
-OpenCLIP's SigLipLoss (dense logits, labels and log-sigmoid).
+OpenCLIP's SigLipLoss (dense logits, labels and log-sigmoid) and, where the installed OpenCLIP has
+it (``chunk_size``, on its main branch since 2026-04, in no release as of open-clip-torch 3.3),
+its chunked setting (``chunk_size=CHUNK``: the logits formed one block of image rows at a time;
+autograd still keeps every block's logits for the softplus backward). Without it the chunked
+cases are skipped, saying so; to measure it, put OpenCLIP's main-branch ``src`` first on
+``PYTHONPATH``.
 
 Forward + backward, fp32, D = 512, one process, logit_scale and logit_bias learned. For each N:
 the median time over a few rounds (pytest-benchmark) and the peak extra memory of one step
@@ -16,6 +21,7 @@ The probe alone: ``python -m benchmarks.bench_siglip --impl ours --n 4096 --d 51
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 
@@ -23,7 +29,9 @@ import pytest
 
 D = 512
 SIZES = [int(n) for n in os.environ.get("BENCH_SIGLIP_N", "4096,16384").split(",")]
-IMPLS = ["ours", "open_clip"]
+IMPLS = ["ours", "open_clip", "open_clip_chunked"]
+PEERS = {"open_clip": "OpenCLIP SigLipLoss", "open_clip_chunked": "OpenCLIP SigLipLoss(chunk_size)"}
+CHUNK = 1024
 ROUNDS = {4096: 5, 16384: 2}  # other sizes: 3
 _measured: dict[tuple[str, int], dict] = {}
 
@@ -31,10 +39,14 @@ _measured: dict[tuple[str, int], dict] = {}
 def loss_module(impl: str):
     if impl == "ours":
         from declip_fast.losses import SigLipLoss
-    elif impl == "open_clip":
+    elif impl in ("open_clip", "open_clip_chunked"):
         from open_clip.loss import SigLipLoss
     else:
         raise ValueError(f"unknown impl {impl!r}")
+    if impl == "open_clip_chunked":
+        if "chunk_size" not in inspect.signature(SigLipLoss).parameters:
+            pytest.skip("the installed OpenCLIP's SigLipLoss has no chunk_size (main branch only)")
+        return SigLipLoss(chunk_size=CHUNK)
     return SigLipLoss()
 
 
@@ -92,17 +104,29 @@ def test_siglip_forward_backward(benchmark, report, matmul_peak, impl, n):
     benchmark.extra_info.update(median_s=median, peak_extra_bytes=extra, n=n, d=D, dtype="float32")
     _measured[(impl, n)] = {"median": median, "extra": extra}
 
-    if impl == IMPLS[-1] and ("ours", n) in _measured:  # both measured for this n: one table row
-        ours, theirs = _measured[("ours", n)], _measured[("open_clip", n)]
-        gflops = 6 * n * n * D / ours["median"] / 1e9
+    if impl == IMPLS[-1]:  # every implementation of this n has run (or skipped): the table rows
+        _report(report, n, matmul_peak)
+
+
+def _report(report, n, matmul_peak):
+    """One row per OpenCLIP setting measured at ``n``: ours against it."""
+    ours = _measured.get(("ours", n))
+    if ours is None:
+        return
+    gflops = 6 * n * n * D / ours["median"] / 1e9
+    for peer, label in PEERS.items():
+        theirs = _measured.get((peer, n))
+        if theirs is None:
+            continue
         report(
             "SigLipLoss fwd+bwd on CPU, fp32, D=512: declip_fast vs OpenCLIP",
             N=n,
+            peer=label,
             ours_s=f"{ours['median']:.3f}",
-            open_clip_s=f"{theirs['median']:.3f}",
+            peer_s=f"{theirs['median']:.3f}",
             time_ratio=f"{ours['median'] / theirs['median']:.2f}x",
             ours_MiB=f"{ours['extra'] / 2**20:.0f}",
-            open_clip_MiB=f"{theirs['extra'] / 2**20:.0f}",
+            peer_MiB=f"{theirs['extra'] / 2**20:.0f}",
             memory_ratio=f"1/{theirs['extra'] / max(ours['extra'], 1):.1f}",
             ours_GFLOPs=f"{gflops:.0f}",
             of_matmul_peak=f"{gflops / matmul_peak:.0%} of {matmul_peak:.0f}",

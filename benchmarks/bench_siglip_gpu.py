@@ -6,10 +6,10 @@ products backward; the same count for every implementation, so rates compare as 
 two owner passes execute 8 N^2 D, see kernels/siglip.py), the fraction of the bf16
 matrix-product rate measured in the same run, and peak GPU memory beyond the inputs and their
 gradients. Peers in the same run, where they import and fit in memory: OpenCLIP's SigLipLoss
-(dense logits) and siglip-kernel's ``fused_siglip_loss`` (it takes the log of the scale; its
-loss is normalised its own way, which does not change its cost). Both run SigLIP's initial
-values, logit scale 10 and bias -10. The offline GPU box gets the peers' wheels from
-scripts/fetch_wheels.sh.
+(dense logits, and chunked where the installed OpenCLIP has ``chunk_size``) and siglip-kernel's
+``fused_siglip_loss`` (it takes the log of the scale; its loss is normalised its own way, which
+does not change its cost). All run SigLIP's initial values, logit scale 10 and bias -10. The
+offline GPU box gets the peers' wheels from scripts/fetch_wheels.sh.
 """
 
 from __future__ import annotations
@@ -42,6 +42,11 @@ def _loss_fn(impl):
     if impl == "open_clip":
         loss = pytest.importorskip("open_clip.loss").SigLipLoss()
         return lambda a, b, s, t: loss(a, b, s, t)
+    if impl == "open_clip_chunked":  # OpenCLIP's main branch only (see benchmarks/bench_siglip.py)
+        from benchmarks.bench_siglip import loss_module
+
+        loss = loss_module(impl)
+        return lambda a, b, s, t: loss(a, b, s, t)
     if impl == "siglip_kernel":
         fused = pytest.importorskip("siglip_kernel").fused_siglip_loss
         return lambda a, b, s, t: fused(a, b, torch.log(s), t)
@@ -49,7 +54,7 @@ def _loss_fn(impl):
 
 
 @pytest.mark.parametrize("n", SIZES)
-@pytest.mark.parametrize("impl", ["ours", "open_clip", "siglip_kernel"])
+@pytest.mark.parametrize("impl", ["ours", "open_clip", "open_clip_chunked", "siglip_kernel"])
 def test_siglip_gpu(benchmark, report, matmul_tflops, impl, n):
     loss_fn = _loss_fn(impl)
     gen = torch.Generator(device="cuda").manual_seed(0)

@@ -35,11 +35,19 @@ PEERS = {
         {"open_clip": "OpenCLIP ClipLoss", "inf_cl": "Inf-CL flash loss"},
     ),
     "bench_nn_lookup": ("top-1 lookup", "ours", {"torch": "torch matmul+max", "faiss": "faiss IndexFlatIP"}),
-    "bench_siglip": ("SigLipLoss fwd+bwd", "ours", {"open_clip": "OpenCLIP SigLipLoss"}),
+    "bench_siglip": (
+        "SigLipLoss fwd+bwd",
+        "ours",
+        {"open_clip": "OpenCLIP SigLipLoss", "open_clip_chunked": "OpenCLIP SigLipLoss(chunk_size)"},
+    ),
     "bench_siglip_gpu": (
         "SigLipLoss fwd+bwd, bf16",
         "ours",
-        {"open_clip": "OpenCLIP SigLipLoss", "siglip_kernel": "siglip-kernel fused_siglip_loss"},
+        {
+            "open_clip": "OpenCLIP SigLipLoss",
+            "open_clip_chunked": "OpenCLIP SigLipLoss(chunk_size)",
+            "siglip_kernel": "siglip-kernel fused_siglip_loss",
+        },
     ),
 }
 
