@@ -1,8 +1,9 @@
 """The data config, the batch contract, and the one place that picks FFCV or the torch fallback.
 
 Batch contract (both backends, identical keys, dtypes, shapes and value ranges). Every batch is a
-``dict`` of tensors on the target device, B = ``batch_size`` (fewer only in batches that lost
-undecodable images, counted in ``loader.skipped``, or in a last batch kept with ``drop_last=False``):
+``dict`` of tensors on the target device (the caption lengths stay on the host), B =
+``batch_size`` (fewer only in batches that lost undecodable images, counted in
+``loader.skipped``, or in a last batch kept with ``drop_last=False``):
 
 =============  =====================  =========================================================
 key            dtype / shape          content
@@ -21,6 +22,10 @@ mlm_targets    int64 [B, 77]          only with ``mlm``: the original id where a
 text_2         int64 [B, 77]          only with ``eda``: the token ids of one EDA variant of the
                                       caption (FFCV: one of the 4 written per sample, drawn per
                                       sample and epoch; fallback: EDA run at load time).
+text_1_lengths int64 [B], on the CPU  the tokens of each caption of ``text_1`` up to and including
+                                      its end-of-text token: what the packed text tower needs on
+                                      the host (declip_fast.models.packing), without a device sync.
+text_2_lengths int64 [B], on the CPU  the same for ``text_2``; only with ``eda``.
 index          int64 [B]              the sample's row in the dataset (``.beton`` row / source row).
 =============  =====================  =========================================================
 

@@ -17,6 +17,8 @@ import torch
 
 from declip_fast.data.augment import AugmentConfig, augment
 from declip_fast.data.masking import mask_tokens
+from declip_fast.data.tokenizer import EOT_ID
+from declip_fast.models.packing import lengths_from_tokens
 
 BACKENDS = ("auto", "ffcv", "torch")
 
@@ -171,8 +173,10 @@ class BatchViews:
             batch["mlm_targets"] = targets.to(dev, non_blocking=True)
         else:
             batch["text_1"] = tokens.to(dev, non_blocking=True)
+        batch["text_1_lengths"] = lengths_from_tokens(tokens, EOT_ID)  # stays on the host
         if cfg.eda:
             batch["text_2"] = text_2.to(device=dev, dtype=torch.int64, copy=True, non_blocking=True)
+            batch["text_2_lengths"] = lengths_from_tokens(text_2, EOT_ID)
         batch["index"] = index.reshape(-1).to(device=dev, dtype=torch.int64, copy=True, non_blocking=True)
         return batch
 

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from declip_fast.models.packing import PackPlan, packed_attention
+
 Backend = Literal["auto", "xformers", "sdpa"]
 BACKENDS = ("auto", "xformers", "sdpa")
 
@@ -137,12 +139,19 @@ class Attention(nn.Module):
         nn.init.kaiming_uniform_(self.out_proj.weight, a=math.sqrt(5))
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, plan: PackPlan | None = None) -> torch.Tensor:
+        """``x [B, L, W]``; with ``plan``, ``x`` is packed captions ``[1, T, W]`` and attention is
+        block-diagonal causal over them (``declip_fast.models.packing``)."""
         b, n, w = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         # [B, L, 3W] -> [B, L, 3, H, D]: q, k, v are BSHD views of one buffer.
         q, k, v = qkv.view(b, n, 3, self.num_heads, self.head_dim).unbind(2)
-        out = attention(q, k, v, causal=self.causal, backend=self.backend)
+        if plan is not None:
+            if not self.causal:
+                raise ValueError("packed sequences need causal attention (the text tower's)")
+            out = packed_attention(q, k, v, plan, resolve_backend(self.backend, q))
+        else:
+            out = attention(q, k, v, causal=self.causal, backend=self.backend)
         return self.out_proj(out.reshape(b, n, w))
 
     def extra_repr(self) -> str:

@@ -25,6 +25,9 @@ conventions: normalised features, exponentiated scale):
   where it is not -100): the mean cross-entropy from ``MLMHead.loss``, which never stores the
   logits, with ``mlm_count`` (how many positions it averages, for the mean over ranks). The
   training path; ``DeCLIPLoss`` takes either form;
+- ``text_1_lengths`` / ``text_2_lengths`` (inputs): each view's caption lengths on the host, as
+  the loaders hand them out, for the packed text tower (``declip_fast.models.text``); without
+  them the tower reads them off the tokens;
 - ``logit_scale``: ``exp(self.logit_scale)`` as a 0-dim tensor, unclamped (the trainer keeps
   the parameter in [ln 20, ln 100] after each step, ``train.optim.clamp_logit_scale``).
 
@@ -150,6 +153,8 @@ class DeCLIP(nn.Module):
         text_2: torch.Tensor | None = None,
         mlm_positions: torch.Tensor | None = None,
         mlm_targets: torch.Tensor | None = None,
+        text_1_lengths: torch.Tensor | list[int] | None = None,
+        text_2_lengths: torch.Tensor | list[int] | None = None,
     ) -> dict:
         if images_2 is not None and images_1 is None:
             raise ValueError("images_2 given without images_1")
@@ -174,10 +179,11 @@ class DeCLIP(nn.Module):
 
         texts = [t for t in (text_1, text_2) if t is not None]
         if texts:
+            lengths = [n for t, n in ((text_1, text_1_lengths), (text_2, text_2_lengths)) if t is not None]
             if mlm_positions is None:
-                features = _encode_views(self.text, texts, self.fuse_views)
+                features = _encode_views(self.text, texts, self.fuse_views, lengths=lengths)
             else:
-                features, states = _encode_views(self.text, texts, self.fuse_views, return_tokens=True)
+                features, states = _encode_views(self.text, texts, self.fuse_views, lengths=lengths, return_tokens=True)
                 mlm_head = cast(MLMHead, self.mlm_head)  # checked above
                 if mlm_targets is None:
                     out["mlm_logits"] = mlm_head(states[0], mlm_positions)
@@ -193,24 +199,34 @@ def _encode_views(
     tower: VisionTransformer | ModifiedResNet | TextTransformer,
     views: list[torch.Tensor],
     fuse: bool | None = None,
+    lengths: list[torch.Tensor | list[int] | None] | None = None,
     **kwargs,
 ):
     """The tower on each view; one concatenated forward when the tower allows it and ``fuse``
     (None: on accelerators, not on the CPU) says so.
 
     With ``return_tokens=True`` (text) returns ``(features, states)``, each a list per view.
+    ``lengths`` (text): each view's host caption lengths, or None to read them off the tokens.
     """
     same_shape = all(v.shape[1:] == views[0].shape[1:] for v in views)
     if fuse is None:
         fuse = views[0].device.type != "cpu"
     fuse = fuse and len(views) > 1 and tower.batch_independent and same_shape
+    per_view: list[dict] = [dict(kwargs) for _ in views]
+    if lengths is not None:
+        for kw, n in zip(per_view, lengths):
+            kw["lengths"] = n
     if fuse:
         sizes = [v.shape[0] for v in views]
+        if lengths is not None:
+            kwargs["lengths"] = (
+                None if any(n is None for n in lengths) else torch.cat([torch.as_tensor(n) for n in lengths])
+            )
         result = tower(torch.cat(views), **kwargs)
         if isinstance(result, tuple):
             return tuple(list(r.split(sizes)) for r in result)
         return list(result.split(sizes))
-    results = [tower(v, **kwargs) for v in views]
+    results = [tower(v, **kw) for v, kw in zip(views, per_view)]
     if results and isinstance(results[0], tuple):
         return tuple(list(r) for r in zip(*results))
     return results

@@ -12,6 +12,16 @@ CLIP id. With ``<mask>`` = 49408 in a caption, argmax would pick the mask token.
 first position holding ``eot_id`` explicitly; for ordinary CLIP tokens this is the same position
 as OpenCLIP's argmax. A row with no EOT (not produced by CLIP's tokenizer, which always ends a
 truncated caption with EOT) pools at the last position.
+
+Packing (``TextConfig.packed``, on by default). The tower runs on the captions' own tokens only,
+packed into one sequence with block-diagonal causal attention (``declip_fast.models.packing``):
+exact, because under the causal mask nothing after a caption's EOT reaches its pooled token, and
+~5x fewer text-tower FLOPs for web-length captions than the padded 77. ``forward(tokens,
+lengths=...)`` takes the lengths on the host (the loaders hand them out with every batch);
+without them the tower reads them off the tokens (one device sync on an accelerator). Under
+``torch.compile`` or on the meta device without host lengths, and with ``packed=False``, it runs
+the padded ``[B, L]`` batch as OpenCLIP does. ``pack_multiple`` rounds the packed length up (a filler caption) so a
+compiled tower sees few shapes.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from torch import nn
 
 from declip_fast.models.attention import Backend
 from declip_fast.models.init import normal_
+from declip_fast.models.packing import PackPlan
 from declip_fast.models.transformer import Transformer
 
 SOT_ID = 49406
@@ -42,6 +53,8 @@ class TextConfig:
     mlp_ratio: float = 4.0
     act: str = "quick_gelu"
     eot_id: int = EOT_ID
+    packed: bool = True  # run the packed captions (exact; see the module docstring)
+    pack_multiple: int = 1  # round the packed length up to a multiple (compile: few shapes)
 
 
 def eot_positions(tokens: torch.Tensor, eot_id: int = EOT_ID) -> torch.Tensor:
@@ -86,12 +99,29 @@ class TextTransformer(nn.Module):
     def blocks(self) -> list[nn.Module]:
         return list(self.transformer.resblocks)
 
-    def forward(self, tokens: torch.Tensor, *, return_tokens: bool = False):
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        *,
+        return_tokens: bool = False,
+        lengths: torch.Tensor | list[int] | None = None,
+    ):
         """Embeddings ``[B, output_dim]``; with ``return_tokens`` also the final layer-normed
-        token states ``[B, L, width]`` (what the MLM head reads)."""
+        token states ``[B, L, width]`` (what the MLM head reads; packed, the states past each
+        caption's EOT are zeros, which the MLM head never reads). ``lengths``: the tokens per
+        caption up to and including its EOT, on the host (see the module docstring)."""
         seq = tokens.shape[1]
         if seq > self.context_length:
             raise ValueError(f"{seq} tokens exceed the context length {self.context_length}")
+        readable = tokens.device.type != "meta" and not torch.compiler.is_compiling()
+        if self.cfg.packed and (lengths is not None or readable):
+            plan = PackPlan.build(tokens, self.eot_id, lengths, self.cfg.pack_multiple)
+            x = self.token_embedding(tokens.reshape(-1).index_select(0, plan.gather))
+            x = self.transformer((x + self.positional_embedding[plan.positions]).unsqueeze(0), plan)[0]
+            if return_tokens:
+                states = self.ln_final(x)
+                return states.index_select(0, plan.pool) @ self.text_projection, plan.unpack(states)
+            return self.ln_final(x.index_select(0, plan.pool)) @ self.text_projection
         x = self.token_embedding(tokens) + self.positional_embedding[:seq]
         x = self.transformer(x)
         rows = torch.arange(tokens.shape[0], device=tokens.device)

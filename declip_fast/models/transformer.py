@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from declip_fast.models.attention import Attention, Backend
 from declip_fast.models.init import normal_
+from declip_fast.models.packing import PackPlan
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 
@@ -69,8 +70,8 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = MLP(width, int(width * mlp_ratio), act)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, plan: PackPlan | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), plan)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -111,8 +112,9 @@ class Transformer(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, plan: PackPlan | None = None) -> torch.Tensor:
+        """``x [B, L, W]``, or packed captions ``[1, T, W]`` laid out by ``plan``."""
         use_checkpoint = self.grad_checkpointing and torch.is_grad_enabled()
         for block in self.resblocks:
-            x = checkpoint(block, x, use_reentrant=False) if use_checkpoint else block(x)
+            x = checkpoint(block, x, plan, use_reentrant=False) if use_checkpoint else block(x, plan)
         return x

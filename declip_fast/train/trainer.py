@@ -187,10 +187,14 @@ class Trainer(RecoveryMixin):
     def forward_loss(self, batch: dict) -> tuple[dict, dict]:
         need = self.need
         kwargs = {"images_1": batch["images_1"], "text_1": batch["text_1"]}
+        # Host lists, not tensors: FSDP2 moves tensor inputs to the device, and the packed text
+        # tower needs the lengths on the host.
+        kwargs["text_1_lengths"] = _host_list(batch.get("text_1_lengths"))
         if need["image_views"] == 2:
             kwargs["images_2"] = batch["images_2"]
         if need["text_views"] == 2:
             kwargs["text_2"] = batch["text_2"]
+            kwargs["text_2_lengths"] = _host_list(batch.get("text_2_lengths"))
         if need["mlm"]:
             kwargs["mlm_targets"] = batch["mlm_targets"]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
@@ -387,3 +391,8 @@ def train(config: TrainConfig) -> dict:
         return trainer.train()
     finally:
         trainer.close()
+
+
+def _host_list(lengths: torch.Tensor | None) -> list[int] | None:
+    """The loader's host caption lengths as a list (no device sync: they never left the CPU)."""
+    return None if lengths is None else lengths.tolist()

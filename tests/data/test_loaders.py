@@ -82,8 +82,8 @@ def test_backend_choice_is_explicit(data, monkeypatch, caplog):
 
 
 def _check_contract(batches, two_views=True, mlm=True, eda=True):
-    keys = {"images_1", "text_1", "index"} | ({"images_2"} if two_views else set())
-    keys |= ({"mlm_targets"} if mlm else set()) | ({"text_2"} if eda else set())
+    keys = {"images_1", "text_1", "text_1_lengths", "index"} | ({"images_2"} if two_views else set())
+    keys |= ({"mlm_targets"} if mlm else set()) | ({"text_2", "text_2_lengths"} if eda else set())
     lo, hi = ((0 - MEAN) / STD).view(3), ((1 - MEAN) / STD).view(3)
     assert len(batches) == N // BATCH
     for b in batches:
@@ -99,6 +99,14 @@ def _check_contract(batches, two_views=True, mlm=True, eda=True):
         assert b["index"].dtype == torch.int64 and b["index"].shape == (BATCH,)
         assert ((b["index"] >= 0) & (b["index"] < N)).all()
         assert b["text_1"].min() >= 0 and b["text_1"].max() <= 49408
+        for view in ("text_1", "text_2") if eda else ("text_1",):
+            # Each caption's tokens up to and including its end token, on the host.
+            lengths = b[f"{view}_lengths"]
+            assert lengths.device.type == "cpu" and lengths.dtype == torch.int64 and lengths.shape == (BATCH,)
+            tokens = b[view].cpu()
+            rows = torch.arange(BATCH)
+            assert torch.all(tokens[rows, lengths - 1] == 49407)
+            assert not torch.any((tokens == 49407) & (torch.arange(77) < lengths[:, None] - 1))
     images = _cat(batches, "images_1")
     assert images.min() < -1.5 and images.max() > 1.5  # really normalized [0, 1] data, not [0, 255]
 

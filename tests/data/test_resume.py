@@ -15,7 +15,7 @@ from tests.data.test_loaders import BATCH, N, _cat, _config
 
 pytestmark = pytest.mark.usefixtures("ffcv_uncompiled")  # tiny epochs: tests/conftest.py
 
-KEYS = {"images_1", "images_2", "text_1", "mlm_targets", "text_2", "index"}
+KEYS = {"images_1", "images_2", "text_1", "text_1_lengths", "mlm_targets", "text_2", "text_2_lengths", "index"}
 BATCHES = N // BATCH
 BACKENDS = ["ffcv", "torch"]
 NO_COLOUR = A.AugmentConfig(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)  # crops and flips only
@@ -63,7 +63,7 @@ def test_crops_and_flips_follow_the_seed_and_the_epoch(data, backend):
     loader = _loader(data, backend, **kw)
     epochs = [list(loader), list(loader)]
     again, other_seed = list(_loader(data, backend, **kw)), list(_loader(data, backend, seed=4, **kw))
-    keys = {"images_1", "images_2", "text_1", "index"}
+    keys = {"images_1", "images_2", "text_1", "text_1_lengths", "index"}
     _assert_same(again, epochs[0], keys)
     for key in ("images_1", "images_2"):
         crops = _per_sample(epochs[0], key)
@@ -161,7 +161,7 @@ def test_batch_views_draw_per_batch_not_per_sequence():
     views = L.BatchViews(cfg, torch.device("cpu"), rank=0)
     direct = batch(views, 0, 5)
     batch(views, 0, 2)
-    keys = {"images_1", "images_2", "text_1", "mlm_targets", "index"}
+    keys = {"images_1", "images_2", "text_1", "text_1_lengths", "mlm_targets", "index"}
     _assert_same([batch(views, 0, 5)], [direct], keys)
     _assert_same([batch(L.BatchViews(cfg, torch.device("cpu"), rank=0), 0, 5)], [direct], keys)
     for other in (batch(views, 0, 6), batch(views, 1, 5), batch(L.BatchViews(cfg, torch.device("cpu"), rank=1), 0, 5)):
@@ -187,7 +187,7 @@ def test_fused_decoder_seeding_when_compiled_by_numba(data):
         resumed, one_thread = list(threads_2), list(threads_1)
     finally:
         Compiler.set_enabled(False)
-    keys = {"images_1", "images_2", "text_1", "index"}
+    keys = {"images_1", "images_2", "text_1", "text_1_lengths", "index"}
     _assert_same(one_thread, epochs[0], keys)
     _assert_same(resumed, epochs[1][3:], keys)
     _assert_same(epochs[0], expected[0], keys)

@@ -3,6 +3,7 @@
 import torch
 
 from declip_fast.data import masking
+from declip_fast.models.packing import lengths_from_tokens
 
 GLOBAL_BATCH = 8
 
@@ -23,4 +24,7 @@ def synthetic_batch(step: int) -> dict:
         "mlm_targets": targets,
         "text_2": tokens.roll(1, dims=1),
         "index": torch.arange(GLOBAL_BATCH),
+        # The caption lengths the loaders hand out with every batch, on the host.
+        "text_1_lengths": lengths_from_tokens(masked, 49407),
+        "text_2_lengths": lengths_from_tokens(tokens.roll(1, dims=1), 49407),
     }

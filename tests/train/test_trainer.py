@@ -145,7 +145,9 @@ class _HostReads(torch.overrides.TorchFunctionMode):
             where = frame.f_code.co_filename if frame is not None else ""
             # The fused linear cross-entropy checks its targets on the host only for CPU tensors
             # (a free read there); on CUDA it uses torch._assert_async, which does not sync.
-            cpu_only = frame is not None and frame.f_code.co_name == "_check_range"
+            # The trainer's _host_list reads the loader's caption lengths, which never leave the
+            # host (the batch contract), into the list the packed text tower takes.
+            cpu_only = frame is not None and frame.f_code.co_name in ("_check_range", "_host_list")
             if (f"{os.sep}declip_fast{os.sep}" in where or f"{os.sep}kernels{os.sep}" in where) and not cpu_only:
                 self.calls.append(f"{name} at {where}:{frame.f_lineno}")
         return func(*args, **(kwargs or {}))
