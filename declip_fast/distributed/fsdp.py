@@ -66,6 +66,10 @@ def parallelize(
         shard = mesh is not None or env.world_size() > 1
     model.set_grad_checkpointing(checkpointing)
     if compile:
+        for module in model.modules():  # parts that stay eager or change shape under compile
+            before = getattr(module, "before_compile", None)
+            if callable(before):
+                before()
         for block in model.blocks():
             block.compile()
     if not shard:

@@ -127,6 +127,7 @@ class Attention(nn.Module):
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.causal = causal
         self.backend = backend
+        self._packed_attention = packed_attention  # before_compile() keeps it out of the graph
         self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * dim))
         self.out_proj = nn.Linear(dim, dim)
@@ -149,10 +150,16 @@ class Attention(nn.Module):
         if plan is not None:
             if not self.causal:
                 raise ValueError("packed sequences need causal attention (the text tower's)")
-            out = packed_attention(q, k, v, plan, resolve_backend(self.backend, q))
+            out = self._packed_attention(q, k, v, plan, resolve_backend(self.backend, q))
         else:
             out = attention(q, k, v, causal=self.causal, backend=self.backend)
         return self.out_proj(out.reshape(b, n, w))
+
+    def before_compile(self) -> None:
+        """Called by ``distributed.fsdp.parallelize`` before it compiles the blocks: the packed
+        attention runs eagerly (a graph break), so the compiled graphs do not specialise on each
+        batch's caption lengths (the bucket shapes, xformers' block mask)."""
+        self._packed_attention = torch.compiler.disable(packed_attention)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, heads={self.num_heads}, causal={self.causal}, backend={self.backend!r}"

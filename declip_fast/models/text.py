@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from declip_fast.models.attention import Backend
+from declip_fast.models.attention import Backend, resolve_backend
 from declip_fast.models.init import normal_
 from declip_fast.models.packing import PackPlan
 from declip_fast.models.transformer import Transformer
@@ -40,6 +40,7 @@ SOT_ID = 49406
 EOT_ID = 49407
 MASK_ID = 49408
 VOCAB_SIZE = 49409  # CLIP's 49,408 BPE ids + <mask>
+COMPILE_PACK_MULTIPLE = 64  # packed lengths under compile: multiples of this (few distinct shapes)
 OPENCLIP_VOCAB_SIZE = 49408
 
 
@@ -71,6 +72,7 @@ class TextTransformer(nn.Module):
         super().__init__()
         self.cfg, self.output_dim = cfg, output_dim
         self.context_length, self.vocab_size, self.eot_id = cfg.context_length, cfg.vocab_size, cfg.eot_id
+        self.attn_backend = attn_backend
         # _weight: skip nn.Embedding's own N(0, 1) init; reset_parameters below sets CLIP's.
         table = torch.empty(cfg.vocab_size, cfg.width)
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width, _weight=table)
@@ -99,6 +101,12 @@ class TextTransformer(nn.Module):
     def blocks(self) -> list[nn.Module]:
         return list(self.transformer.resblocks)
 
+    def before_compile(self) -> None:
+        """Called by ``distributed.fsdp.parallelize`` before it compiles the blocks: packed
+        lengths rounded up to ``COMPILE_PACK_MULTIPLE`` unless a multiple was configured."""
+        if self.cfg.pack_multiple == 1:
+            self.cfg.pack_multiple = COMPILE_PACK_MULTIPLE
+
     def forward(
         self,
         tokens: torch.Tensor,
@@ -116,6 +124,8 @@ class TextTransformer(nn.Module):
         readable = tokens.device.type != "meta" and not torch.compiler.is_compiling()
         if self.cfg.packed and (lengths is not None or readable):
             plan = PackPlan.build(tokens, self.eot_id, lengths, self.cfg.pack_multiple)
+            if resolve_backend(self.attn_backend, tokens) == "sdpa":
+                plan.buckets()  # the layout, built here once (not inside a compiled block)
             x = self.token_embedding(tokens.reshape(-1).index_select(0, plan.gather))
             x = self.transformer((x + self.positional_embedding[plan.positions]).unsqueeze(0), plan)[0]
             if return_tokens:

@@ -142,3 +142,57 @@ def test_declip_objective_packed_equals_padded(rng, fuse):
     assert any(n.startswith("mlm_head") for n in grads_pad)
     for name in grads_pad:
         _close(grads_packed[name], grads_pad[name], f"d {name}")
+
+
+def test_compiled_blocks_see_few_shapes(rng):
+    """The trainer's compile path (``before_compile`` hooks, then each block compiled; AOT autograd
+    without code generation here): packed results equal eager ones for every batch, and once
+    warm, new caption lengths compile no new graphs (packed lengths in multiples of 64, the
+    packed attention kept out of the graphs)."""
+    import torch._dynamo as dynamo
+
+    dynamo.reset()
+    model = tower(True)
+    eager = tower(True)
+    for module in model.modules():
+        if hasattr(module, "before_compile"):
+            module.before_compile()
+    assert model.cfg.pack_multiple == 64
+    for block in model.blocks():
+        block.compile(backend="aot_eager")
+    graphs = []
+    for _ in range(7):
+        lengths = torch.randint(2, CONTEXT + 1, (16,), generator=rng).tolist()
+        tokens = captions(rng, lengths)
+        got, want = model(tokens, lengths=lengths), eager(tokens, lengths=lengths)
+        got.sum().backward()
+        _close(got.detach(), want.detach(), "compiled embeddings")
+        graphs.append(dynamo.utils.counters["stats"]["unique_graphs"])
+    assert graphs[3] == graphs[-1], graphs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_packed_on_cuda_matches_padded(rng, dtype):
+    """On a GPU the packed tower attends through xformers' BlockDiagonalCausalMask (SDPA buckets
+    where xformers does not import): embeddings and gradients against the padded SDPA tower in the
+    same dtype, within that dtype's rounding over two layers."""
+    lengths = every_length(rng)
+    tokens = captions(rng, lengths).cuda()
+    weights = (torch.randn(len(lengths), 24, generator=rng).cuda(), torch.zeros(*tokens.shape, 48).cuda())
+    results = []
+    for packed in (False, True):
+        model = tower(packed).float().cuda()
+        if packed:  # xformers where it imports
+            model.transformer.resblocks.apply(
+                lambda m: setattr(m, "backend", "auto") if hasattr(m, "backend") else None
+            )
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            results.append(_run(model, tokens, weights, **({"lengths": lengths} if packed else {})))
+    (pad_f, _, pad_g), (pack_f, _, pack_g) = results
+    tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 4e-3}[dtype]
+    assert (pack_f.float() - pad_f.float()).abs().max() <= tol * pad_f.float().abs().max()
+    for name in pad_g:
+        err = (pack_g[name].float() - pad_g[name].float()).abs().max()
+        assert err <= tol * max(pad_g[name].float().abs().max(), 1e-6), name
