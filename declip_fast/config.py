@@ -150,8 +150,15 @@ def _value(hint, value, key: str, current):
     return _coerce(hint, value, key)
 
 
+_BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
 def _coerce(hint, value, key: str):
     args = set(typing.get_args(hint)) or {hint}
+    if bool in args and not isinstance(value, bool) and value is not None:
+        if isinstance(value, (str, int)) and str(value).lower() in _BOOLS:
+            return _BOOLS[str(value).lower()]
+        raise ConfigKeyError(f"{key}: expected true or false, got {value!r}")
     kind = float if float in args else int if int in args else None
     if kind is None or value is None or isinstance(value, (bool, kind)):
         return value

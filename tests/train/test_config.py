@@ -83,6 +83,7 @@ def test_resolved_config_round_trips(tmp_path):
         ("model.overrides.vision.layers=2.5", r"model[.]overrides[.]vision[.]layers: expected an integer"),
         ("model.overrides.embed_dims=64", r"model[.]overrides[.]embed_dims"),
         ("model.preset=declip_huge", r"model[.]preset: unknown preset 'declip_huge'"),
+        ("model.overrides.text.packed=maybe", r"model[.]overrides[.]text[.]packed: expected true or false"),
     ],
 )
 def test_model_section_is_typed_and_checked_at_parse_time(override, message):
@@ -98,6 +99,9 @@ def test_model_overrides_are_coerced_to_the_fields_types():
     assert arch.vision.layers == 3 and isinstance(arch.text.width, int) and arch.text.width == 32
     rn = C.load_config("demo", ["model.preset=declip_tiny_rn", "model.overrides.vision.layers=[1, 2, 1, 1]"])
     assert rn.model.architecture().vision.layers == (1, 2, 1, 1)
+    for value, expected in (("false", False), ("off", False), ("true", True)):
+        packed = C.load_config("demo", [f"model.overrides.text.packed={value}"]).model.architecture().text.packed
+        assert packed is expected
 
 
 def test_print_config_shows_the_resolved_model(capsys):
