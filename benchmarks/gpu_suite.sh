@@ -3,7 +3,7 @@
 # dependencies, measures the box's peaks, runs the gpu tests, then the GPU benchmarks, writing logs
 # and JSON under $OUT. The benchmarks' files are merged into $OUT/<date>-<device>.json (+ .md), the
 # format `make bench` writes, so benchmarks/report.py reads either.
-# Usage: benchmarks/gpu_suite.sh [--dry-run] [peaks] [budget] [tests] [contrastive] [lookup] [siglip] [attention] [towers] [train]
+# Usage: benchmarks/gpu_suite.sh [--dry-run] [peaks] [budget] [tests] [contrastive] [lookup] [siglip] [attention] [towers] [step] [train]
 # (default: all). A failing part is reported and the rest still runs; the exit code says whether
 # all passed. PYTHON picks the interpreter (default python3).
 # --dry-run (or DRY_RUN=1) needs no GPU and installs nothing: it checks that the gpu tests are
@@ -20,7 +20,7 @@ for arg in "$@"; do
 done
 # Parts, in order; pass a subset (e.g. `gpu_suite.sh tests contrastive`) to stay within one
 # device call's 10 minutes: the towers compile four full-size models.
-parts=${names[*]:-"peaks budget tests contrastive lookup siglip attention towers train"}
+parts=${names[*]:-"peaks budget tests contrastive lookup siglip attention towers step train"}
 status=0
 export PYTHONUNBUFFERED=1
 
@@ -29,7 +29,7 @@ bench_file() {  # the benchmark file of a part
     siglip) echo benchmarks/bench_siglip_gpu.py ;;
     *) echo "benchmarks/bench_$1.py" ;; esac
 }
-is_bench() { case $1 in contrastive|lookup|siglip|attention|towers|train) return 0 ;; *) return 1 ;; esac; }
+is_bench() { case $1 in contrastive|lookup|siglip|attention|towers|step|train) return 0 ;; *) return 1 ;; esac; }
 collect() {  # collect ARGS...: the node ids pytest collects, one a line; fails as pytest does
   $PY -m pytest --collect-only -q -p no:cacheprovider "$@" 2>&1 | grep '^[^ ]*::'
 }

@@ -11,7 +11,10 @@ what is between is replaced, nothing else is touched. Sources, in ``benchmarks/r
   ``benchmarks/gpu_suite.sh``): the ratio table of ``report.py`` and its plots, named by device
   and date;
 - ``results``: the newest ``data_efficiency-<date>-<device>.json``
-  (``benchmarks/data_efficiency.py``): its table and plot.
+  (``benchmarks/data_efficiency.py``): its table and plot;
+- ``step``: for each device, the newest ``step-<date>-<device>.json``
+  (``python -m benchmarks.run --json benchmarks/results/step-<date>-<device>.json
+  benchmarks/bench_step.py``): every table the whole-step benchmark printed.
 
 So every number in those sections comes from a file a command wrote, never from typing.
 """
@@ -72,6 +75,30 @@ def results(folder: Path) -> str:
     return text
 
 
+STEP_FILE = re.compile(r"^step-(\d{4}-\d{2}-\d{2})-([a-z0-9-]+)\.json$")
+
+
+def step(folder: Path) -> str:
+    newest: dict[str, tuple[str, Path]] = {}
+    for path in folder.glob("step-*.json"):
+        match = STEP_FILE.match(path.name)
+        if match and (match[2] not in newest or match[1] > newest[match[2]][0]):
+            newest[match[2]] = (match[1], path)
+    parts = []
+    for device in sorted(newest, key=lambda d: (d != "cpu", d)):
+        path = newest[device][1]
+        data = report.load(path)
+        for name, rows in data.get("tables", {}).items():
+            parts.append("\n".join([f"#### {name} ({report.where(data)})", "", *report._md_table(rows), ""]))
+        rel = path.relative_to(ROOT)
+        parts.append(f"From `{rel}` (`benchmarks/bench_step.py`).\n")
+    return (
+        "\n".join(parts)
+        if parts
+        else "No whole-step results are committed yet: `benchmarks/bench_step.py` writes them.\n"
+    )
+
+
 def render(readme: str, sections: dict[str, str]) -> str:
     for name, body in sections.items():
         start, end = f"<!-- generated:{name} -->", f"<!-- end:{name} -->"
@@ -88,7 +115,8 @@ def main(argv=None) -> int:
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
     args = parser.parse_args(argv)
     current = args.readme.read_text()
-    wanted = render(current, {"performance": performance(RESULTS), "results": results(RESULTS)})
+    sections = {"performance": performance(RESULTS), "results": results(RESULTS), "step": step(RESULTS)}
+    wanted = render(current, sections)
     if args.check:
         if wanted != current:
             print("README.md is out of date with benchmarks/results: run benchmarks/readme.py")

@@ -35,6 +35,11 @@ PEERS = {
         {"open_clip": "OpenCLIP ClipLoss", "inf_cl": "Inf-CL flash loss"},
     ),
     "bench_nn_lookup": ("top-1 lookup", "ours", {"torch": "torch matmul+max", "faiss": "faiss IndexFlatIP"}),
+    "bench_step": (
+        "CLIP training step + AdamW",
+        "ours",
+        {"open_clip": "OpenCLIP CLIP step", "ours_padded": "ours, text padded to 77 (packed=False)"},
+    ),
     "bench_siglip": (
         "SigLipLoss fwd+bwd",
         "ours",
