@@ -24,20 +24,32 @@ def _add_write_dataset(sub) -> None:
         "write-dataset",
         help="image-text pairs (CSV/TSV, folder, tar shards) -> FFCV .beton",
         description="Write image-text pairs to an FFCV .beton (fields: image, tokens, "
-        "eda_tokens, index); with --demo, build the Fashion-MNIST demo train/test files.",
+        "eda_tokens, index); with --demo, build the Fashion-MNIST demo train/test files; with --clipart, "
+        "the Openclipart image-text set (train, zero-shot test, retrieval pairs).",
     )
     p.add_argument("source", nargs="?", help="CSV/TSV of (image, caption), folder of images + .txt, or .tar shard(s)")
     p.add_argument("out", nargs="?", help="output .beton")
     p.add_argument("--demo", metavar="OUT_DIR", help="build the demo data set (train/test .beton, classes.json)")
     p.add_argument(
-        "--max-side", type=_positive, help=f"longest stored image side (default 384; {DEMO_IMAGE_SIZE} with --demo)"
+        "--clipart",
+        metavar="OUT_DIR",
+        help="build the clip-art set from Debian's openclipart-svg (train/test .beton, classes.json, retrieval.csv)",
+    )
+    p.add_argument(
+        "--max-side",
+        type=_positive,
+        help=f"longest stored image side (default 384; {DEMO_IMAGE_SIZE} with --demo/--clipart)",
     )
     p.add_argument("--workers", type=int, default=0, help="worker processes (default: all cores; 1: none)")
     p.add_argument(
         "--summary-json", metavar="PATH", help="also write the summary (written, skipped, skips, pairs_per_s) as JSON"
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output (--demo: rebuild)")
-    p.add_argument("--limit", type=_positive, help="write at most this many pairs")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (--demo/--clipart: rebuild)")
+    p.add_argument(
+        "--limit",
+        type=_positive,
+        help="write at most this many pairs (--clipart: render this many SVGs, for a quick set)",
+    )
     p.add_argument("--train-size", type=_positive, default=10_000, help="--demo: training pairs (default 10000)")
     p.add_argument("--test-size", type=_positive, default=2_000, help="--demo: test pairs (default 2000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the EDA variants (and of the demo subsets)")
@@ -52,12 +64,12 @@ def _add_write_dataset(sub) -> None:
 def _write_dataset(args, parser) -> int:
     from declip_fast.data.write import NoPairsError, WriteConfig, save_summary, write_dataset
 
-    if args.demo is not None:
-        if args.source or args.out:
-            parser.error("write-dataset: give either SOURCE OUT or --demo OUT_DIR, not both")
-        return _write_demo(args)
+    if args.demo is not None or args.clipart is not None:
+        if args.source or args.out or (args.demo is not None and args.clipart is not None):
+            parser.error("write-dataset: give one of SOURCE OUT, --demo OUT_DIR or --clipart OUT_DIR")
+        return _write_demo(args) if args.demo is not None else _write_clipart(args)
     if not (args.source and args.out):
-        parser.error("write-dataset: give SOURCE OUT (or --demo OUT_DIR)")
+        parser.error("write-dataset: give SOURCE OUT (or --demo OUT_DIR, --clipart OUT_DIR)")
     config = WriteConfig(
         max_side=args.max_side or 384,
         workers=args.workers,
@@ -103,6 +115,41 @@ def _write_demo(args) -> int:
     print(f"train: {paths.train}\ntest: {paths.test}\nclasses: {paths.classes}")
     if args.summary_json:
         _save_json({split: s.to_json() for split, s in paths.summaries.items()}, args.summary_json)
+    return 0
+
+
+def _write_clipart(args) -> int:
+    from declip_fast.data.clipart import ensure_clipart_data
+
+    try:
+        paths = ensure_clipart_data(
+            args.clipart,
+            limit=args.limit,
+            workers=args.workers,
+            image_size=args.max_side or DEMO_IMAGE_SIZE,
+            seed=args.seed,
+            progress=not args.quiet,
+            rebuild=args.overwrite,
+        )
+    except (OSError, ValueError) as err:  # packages missing, an unwritable folder: one line
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    for split, summary in paths.summaries.items():
+        print(f"{split}:\n{summary.format()}")
+    if paths.stats:
+        stats = paths.stats
+        print(
+            f"kept {stats['kept']} pairs (train {stats['splits']['train']}, zero-shot test {stats['splits']['test']}, "
+            f"retrieval {stats['splits']['retrieval']}); skipped {stats['skipped']} files"
+        )
+        print("skipped: " + ", ".join(f"{reason} {n}" for reason, n in stats["skipped_by_reason"].items()))
+        print("classes: " + ", ".join(f"{c} {n}" for c, n in stats["classes"].items()))
+    else:
+        print(f"{args.clipart}: already built with these parameters (--overwrite rebuilds it)")
+    print(f"train: {paths.train}\ntest: {paths.test}\nclasses: {paths.classes}\nretrieval: {paths.retrieval}")
+    if args.summary_json:
+        summaries = {split: s.to_json() for split, s in paths.summaries.items()}
+        _save_json({**summaries, "clipart": paths.stats} if paths.stats else summaries, args.summary_json)
     return 0
 
 

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PKGS=(libopencv-dev libturbojpeg0-dev pkg-config dataset-fashion-mnist wordnet-base)
+APT_PKGS=(libopencv-dev libturbojpeg0-dev pkg-config dataset-fashion-mnist wordnet-base openclipart-svg librsvg2-bin)
 TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
 VENV=.venv
 PY="$VENV/bin/python"
