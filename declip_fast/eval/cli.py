@@ -1,6 +1,6 @@
-"""``declip-fast eval``: zero-shot (and optionally linear-probe) accuracy of a checkpoint.
+"""``declip-fast eval``: zero-shot, linear-probe and image-text retrieval evaluation of a checkpoint.
 
-    declip-fast eval RUN_DIR --demo DEMO_DIR [--linear-probe]
+    declip-fast eval RUN_DIR --demo DEMO_DIR [--linear-probe] [--retrieval PAIRS]
     declip-fast eval weights.pt --preset declip_tiny --data test.beton [--labels test_labels.npy]
                      [--classes classes.json] [--linear-probe --train-data train.beton]
     declip-fast eval weights.pt --preset declip_vit_b32 --data imagenet/val --classes imagenet.json
@@ -8,7 +8,13 @@
 ``--data`` is a ``.beton`` (labels from ``--labels``, default ``<stem>_labels.npy`` beside it) or an
 ImageFolder-layout folder. Class names and prompts come from ``--classes`` (default: a
 ``classes.json`` beside a ``.beton``; a folder's sorted subfolder names otherwise); without
-prompts or templates there, CLIP's 80 ImageNet templates are used.
+prompts or templates there, CLIP's 80 ImageNet templates are used. Zero-shot reports top-1,
+balanced top-1 (mean per-class recall) and top-5.
+
+``--retrieval PAIRS`` (with or without ``--data`` / ``--demo``) adds image -> text and text ->
+image recall@1/5/10 on held-out pairs: a CSV/TSV of image,caption rows (rows of one image file are
+its captions) or a folder of images with same-named ``.txt`` captions, one caption per line
+(:mod:`declip_fast.eval.retrieval`).
 
 The model comes from :func:`load_model`. Registered by ``declip_fast.cli`` through
 :func:`add_parser`; ``run`` is the subcommand's function.
@@ -25,8 +31,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``eval`` subcommand to ``subparsers`` (``set_defaults(func=run)``)."""
     p = subparsers.add_parser(
         "eval",
-        help="zero-shot / linear-probe evaluation",
-        description="Zero-shot top-1/top-5 (and linear-probe top-1) of a checkpoint.",
+        help="zero-shot / linear-probe / retrieval evaluation",
+        description="Zero-shot top-1/top-5 (and linear-probe top-1, image-text retrieval recall@K) of a checkpoint.",
     )
     p.add_argument(
         "checkpoint",
@@ -54,6 +60,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--linear-probe", action="store_true", help="also fit a logistic-regression probe")
     p.add_argument("--train-data", help="probe train images (.beton or folder; --demo: train.beton)")
     p.add_argument("--train-labels", help="labels .npy of --train-data")
+    p.add_argument(
+        "--retrieval",
+        metavar="PAIRS",
+        help="image-text recall@1/5/10 on held-out pairs: a CSV/TSV of image,caption rows or a folder "
+        "of images with same-named .txt captions (one per line)",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -156,8 +168,8 @@ def _sources(args) -> dict:
 
 def run(args, parser: argparse.ArgumentParser | None = None) -> int:
     """Evaluate, print a small table, return the exit code."""
-    if bool(args.data) == bool(args.demo):
-        message = "eval: give either --data PATH or --demo DIR"
+    if (args.data and args.demo) or not (args.data or args.demo or args.retrieval):
+        message = "eval: give either --data PATH or --demo DIR (and/or --retrieval PAIRS)"
         if parser is not None:
             parser.error(message)
         print(f"error: {message}", file=sys.stderr)
@@ -170,13 +182,21 @@ def run(args, parser: argparse.ArgumentParser | None = None) -> int:
         src = _sources(args)
         if args.linear_probe and not src["train_data"]:
             raise ValueError("--linear-probe needs --train-data (or --demo)")
+        if args.linear_probe and not src["data"]:
+            raise ValueError("--linear-probe needs --data (or --demo)")
+        if args.retrieval:  # listed (not decoded) before the model loads: a bad table fails at once
+            from declip_fast.eval.retrieval import read_pairs, retrieval_eval
+
+            pairs = read_pairs(args.retrieval)
         model = load_model(args.checkpoint, args.preset)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model.to(device)
         size = args.image_size or model.config.vision.image_size
         kwargs = {"batch_size": args.batch_size, "num_workers": args.workers}
-        result = zeroshot_eval(model, src["data"], src["classes"], device, size, labels=src["labels"], **kwargs)
-        rows = {f"zero-shot {k}": v for k, v in result.items()}
+        rows = {}
+        if src["data"]:
+            result = zeroshot_eval(model, src["data"], src["classes"], device, size, labels=src["labels"], **kwargs)
+            rows.update({f"zero-shot {k}": v for k, v in result.items()})
         if args.linear_probe:
             from declip_fast.eval.linear_probe import linear_probe
 
@@ -190,6 +210,9 @@ def run(args, parser: argparse.ArgumentParser | None = None) -> int:
                     "linear-probe n_train": probe["n_train"],
                 }
             )
+        if args.retrieval:
+            result = retrieval_eval(model, pairs, device, size, **kwargs)
+            rows.update({f"retrieval {k}": v for k, v in result.items()})
     except (OSError, ValueError, RuntimeError, ImportError) as err:
         # A missing or mismatched file or checkpoint: one line, exit 2 (as train does).
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
@@ -202,6 +225,6 @@ def format_table(rows: dict) -> str:
     width = max(len(k) for k in rows)
     lines = [f"{'metric':<{width}}  value"]
     for key, value in rows.items():
-        text = f"{value:.4f}" if "top" in key else f"{value:g}"
+        text = f"{value:.4f}" if "top" in key or "R@" in key else f"{value:g}"
         lines.append(f"{key:<{width}}  {text}")
     return "\n".join(lines)

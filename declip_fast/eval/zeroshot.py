@@ -101,11 +101,17 @@ def classifier_weights(
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches, weights: torch.Tensor, device: torch.device | str) -> dict:
-    """Top-1 / top-5 accuracy (fractions; top-5 uses k = min(5, C)) and sample count ``n``."""
+    """Top-1 / top-5 accuracy (fractions; top-5 uses k = min(5, C)), the balanced top-1 and the
+    sample count ``n``. ``balanced_top1`` is the mean over the classes present in the labels of
+    each class's top-1 recall (scikit-learn's ``balanced_accuracy_score``): on unbalanced classes
+    it weighs every class alike, where ``top1`` weighs every image alike; the two agree when every
+    class has as many images."""
     num_classes = weights.shape[1]
     k = min(5, num_classes)
     weights = weights.to(device, torch.float32)
     correct_1 = correct_k = n = 0
+    seen = torch.zeros(num_classes, dtype=torch.long, device=device)  # images per class
+    right = torch.zeros_like(seen)  # top-1 hits per class
     with eval_mode(model):
         dtype = model_dtype(model)
         for images, labels in batches:
@@ -117,10 +123,14 @@ def evaluate(model: torch.nn.Module, batches, weights: torch.Tensor, device: tor
             hits = topk == labels[:, None]
             correct_1 += int(hits[:, 0].sum())
             correct_k += int(hits.any(dim=1).sum())
+            seen += torch.bincount(labels, minlength=num_classes)
+            right += torch.bincount(labels[hits[:, 0]], minlength=num_classes)
             n += len(labels)
     if n == 0:
         raise ValueError("no images to evaluate")
-    return {"top1": correct_1 / n, "top5": correct_k / n, "n": n}
+    present = seen > 0
+    balanced = float((right[present].double() / seen[present]).mean())
+    return {"top1": correct_1 / n, "balanced_top1": balanced, "top5": correct_k / n, "n": n}
 
 
 # -- class names and prompts ---------------------------------------------------------------------

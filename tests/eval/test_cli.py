@@ -168,3 +168,40 @@ def test_eval_demo_with_linear_probe(weights_file, demo_data, capsys):
     # --data with the .beton beside classes.json reads the same labels and prompts
     assert main([str(path), "--preset", "declip_tiny", "--data", str(demo_data.test), "--workers", "1"]) == 0
     assert capsys.readouterr().out.splitlines()[1].split() == out.splitlines()[1].split()
+
+
+def test_eval_retrieval_prints_recall_rows(weights_file, tmp_path, capsys):
+    """--retrieval alone: recall rows that equal the float64 definitions on the tiny model's own
+    float64 embeddings; with --data too, both tables; a bad pair source is one error line."""
+    import copy
+
+    from declip_fast.data.tokenizer import tokenize
+    from declip_fast.eval.images import _ImageFiles
+    from declip_fast.eval.retrieval import read_pairs
+    from tests.eval.test_retrieval import make_pairs, min_score_gap, reference_recall
+
+    pairs_dir = make_pairs(tmp_path / "pairs")
+    path, model = weights_file
+    argv = [str(path), "--preset", "declip_tiny", "--retrieval", str(pairs_dir), "--workers", "0", "--batch-size", "3"]
+    assert main(argv) == 0
+    rows = dict(line.rsplit(None, 1) for line in capsys.readouterr().out.splitlines()[1:])
+    assert rows["retrieval n_images"] == "4" and rows["retrieval n_texts"] == "7"
+    pairs = read_pairs(pairs_dir)
+    ref = copy.deepcopy(model).double().eval()
+    with torch.no_grad():
+        images = torch.stack([_ImageFiles(pairs.images, 32)[i] for i in range(4)]).double()
+        x = ref.encode_image(images, normalize=True)
+        y = ref.encode_text(tokenize(pairs.captions, context_length=ref.config.text.context_length), normalize=True)
+    assert min_score_gap(x, y, pairs.text_to_image) > 1e-4  # float32 and float64 rank alike
+    expected = reference_recall(x, y, pairs.text_to_image)
+    assert {k.removeprefix("retrieval "): v for k, v in rows.items()} == {
+        k: f"{v:.4f}" if "R@" in k else str(v) for k, v in expected.items()
+    }
+    root = make_folder(tmp_path / "images")
+    assert main([*argv, "--data", str(root)]) == 0
+    rows = dict(line.rsplit(None, 1) for line in capsys.readouterr().out.splitlines()[1:])
+    assert {"zero-shot top1", "zero-shot balanced_top1", "retrieval t2i_R@10"} <= rows.keys()
+    (pairs_dir / "blue.txt").unlink()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "blue: missing caption" in err, err

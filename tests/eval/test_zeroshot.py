@@ -209,7 +209,7 @@ def test_oracle_model_scores_one_and_shifted_oracle_zero(tmp_path):
         return BagOfWords(dim=32, seed=3, image_fn=image_fn)
 
     result = evaluate(oracle(0), images, weights, "cpu")
-    assert result == {"top1": 1.0, "top5": 1.0, "n": 12}
+    assert result == {"top1": 1.0, "balanced_top1": 1.0, "top5": 1.0, "n": 12}
     assert evaluate(oracle(1), images, weights, "cpu")["top1"] == 0.0
     # the one-call path: folder names and CLIP's templates give the same classifier
     assert zeroshot_eval(oracle(0), root, None, "cpu", 16, batch_size=5, num_workers=0)["top1"] == 1.0
