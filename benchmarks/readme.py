@@ -12,6 +12,8 @@ what is between is replaced, nothing else is touched. Sources, in ``benchmarks/r
   and date;
 - ``results``: the newest ``data_efficiency-<date>-<device>.json``
   (``benchmarks/data_efficiency.py``): its table and plot;
+- ``clipart``: the newest ``clipart_efficiency-<date>-<device>.json``
+  (``benchmarks/clipart_efficiency.py``): its zero-shot and retrieval tables and plot;
 - ``step``: for each device, the newest ``step-<date>-<device>.json``
   (``python -m benchmarks.run --json benchmarks/results/step-<date>-<device>.json
   benchmarks/bench_step.py``): every table the whole-step benchmark printed.
@@ -31,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if not __package__:  # run as a script: make the benchmarks package importable
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import data_efficiency, report  # noqa: E402
+from benchmarks import clipart_efficiency, data_efficiency, report  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 BENCH_FILE = re.compile(r"^(\d{4}-\d{2}-\d{2})-([a-z0-9-]+)\.json$")
@@ -75,6 +77,23 @@ def results(folder: Path) -> str:
     return text
 
 
+def clipart(folder: Path) -> str:
+    files = sorted(folder.glob("clipart_efficiency-*.json"))
+    if not files:
+        return (
+            "The CLIP vs DeCLIP grid on the clip-art set is not run yet: `benchmarks/clipart_efficiency.py` "
+            "writes its results.\n"
+        )
+    path = files[-1]
+    result = json.loads(path.read_text())
+    rel = path.relative_to(ROOT)
+    text = clipart_efficiency.markdown(result) + f"\nFrom `{rel}` (`benchmarks/clipart_efficiency.py`).\n"
+    png = path.with_suffix(".png")
+    if png.exists():
+        text += f"\n![clip-art CLIP vs DeCLIP]({png.relative_to(ROOT)})\n"
+    return text
+
+
 STEP_FILE = re.compile(r"^step-(\d{4}-\d{2}-\d{2})-([a-z0-9-]+)\.json$")
 
 
@@ -115,7 +134,12 @@ def main(argv=None) -> int:
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
     args = parser.parse_args(argv)
     current = args.readme.read_text()
-    sections = {"performance": performance(RESULTS), "results": results(RESULTS), "step": step(RESULTS)}
+    sections = {
+        "performance": performance(RESULTS),
+        "results": results(RESULTS),
+        "clipart": clipart(RESULTS),
+        "step": step(RESULTS),
+    }
     wanted = render(current, sections)
     if args.check:
         if wanted != current:
