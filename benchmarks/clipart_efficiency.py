@@ -363,14 +363,8 @@ def main(argv=None) -> dict:
         "retrieval_texts": len(pairs.captions),
     }
     result = {"meta": meta, "runs": records, "summary": summarize(records, methods)}
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / (args.name or f"clipart_efficiency-{date}-cpu")
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(result))
-    plot(result, stem.with_suffix(".png"))
-    print(markdown(result))
-    print(f"wrote {stem}.json, .md, .png")
-    return result
+    return data_efficiency.write_result(result, stem, markdown, plot)
 
 
 if __name__ == "__main__":

@@ -211,12 +211,16 @@ def main(argv=None) -> dict:
         "test_images": len(np.load(Path(args.demo_data) / "test_labels.npy")),
     }
     result = {"meta": meta, "runs": records, "summary": summarize(records)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / (args.name or f"data_efficiency-{date}-cpu")
+    return write_result(result, args.out / (args.name or f"data_efficiency-{date}-cpu"), markdown, plot)
+
+
+def write_result(result: dict, stem: Path, to_markdown, to_plot) -> dict:
+    """``stem``.json, .md (``to_markdown(result)``, also printed) and .png (``to_plot``)."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(result))
-    plot(result, stem.with_suffix(".png"))
-    print(markdown(result))
+    stem.with_suffix(".md").write_text(to_markdown(result))
+    to_plot(result, stem.with_suffix(".png"))
+    print(to_markdown(result))
     print(f"wrote {stem}.json, .md, .png")
     return result
 

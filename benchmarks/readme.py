@@ -63,35 +63,31 @@ def performance(folder: Path) -> str:
     return "\n".join(parts) if parts else "No benchmark results are committed yet: `make bench` writes them.\n"
 
 
-def results(folder: Path) -> str:
-    files = sorted(folder.glob("data_efficiency-*.json"))
+def _experiment(folder: Path, prefix: str, module, missing: str, alt: str) -> str:
+    """The newest ``<prefix>-*.json``'s table (``module.markdown``) and plot, or ``missing``."""
+    files = sorted(folder.glob(f"{prefix}-*.json"))
     if not files:
-        return "No data-efficiency results are committed yet: `benchmarks/data_efficiency.py` writes them.\n"
+        return missing
     path = files[-1]
-    result = json.loads(path.read_text())
     rel = path.relative_to(ROOT)
-    text = data_efficiency.markdown(result) + f"\nFrom `{rel}` (`benchmarks/data_efficiency.py`).\n"
+    text = module.markdown(json.loads(path.read_text())) + f"\nFrom `{rel}` (`benchmarks/{prefix}.py`).\n"
     png = path.with_suffix(".png")
     if png.exists():
-        text += f"\n![data efficiency]({png.relative_to(ROOT)})\n"
+        text += f"\n![{alt}]({png.relative_to(ROOT)})\n"
     return text
+
+
+def results(folder: Path) -> str:
+    missing = "No data-efficiency results are committed yet: `benchmarks/data_efficiency.py` writes them.\n"
+    return _experiment(folder, "data_efficiency", data_efficiency, missing, "data efficiency")
 
 
 def clipart(folder: Path) -> str:
-    files = sorted(folder.glob("clipart_efficiency-*.json"))
-    if not files:
-        return (
-            "The CLIP vs DeCLIP grid on the clip-art set is not run yet: `benchmarks/clipart_efficiency.py` "
-            "writes its results.\n"
-        )
-    path = files[-1]
-    result = json.loads(path.read_text())
-    rel = path.relative_to(ROOT)
-    text = clipart_efficiency.markdown(result) + f"\nFrom `{rel}` (`benchmarks/clipart_efficiency.py`).\n"
-    png = path.with_suffix(".png")
-    if png.exists():
-        text += f"\n![clip-art CLIP vs DeCLIP]({png.relative_to(ROOT)})\n"
-    return text
+    missing = (
+        "The CLIP vs DeCLIP grid on the clip-art set is not run yet: `benchmarks/clipart_efficiency.py` "
+        "writes its results.\n"
+    )
+    return _experiment(folder, "clipart_efficiency", clipart_efficiency, missing, "clip-art CLIP vs DeCLIP")
 
 
 STEP_FILE = re.compile(r"^step-(\d{4}-\d{2}-\d{2})-([a-z0-9-]+)\.json$")
