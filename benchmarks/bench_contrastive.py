@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks.peak_memory import correlated_features
 from benchmarks.peaks import cuda_time, gpu_bf16_matmul_tflops
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -54,9 +55,7 @@ def _loss_fn(impl):
 @pytest.mark.parametrize("impl", ["declip_fast", "open_clip", "inf_cl"])
 def test_contrastive_gpu(benchmark, report, matmul_tflops, impl, n, d, phase):
     loss_fn = _loss_fn(impl)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    a = torch.nn.functional.normalize(torch.randn(n, d, device="cuda", generator=gen), dim=-1)
-    b = torch.nn.functional.normalize(torch.randn(n, d, device="cuda", generator=gen) + a, dim=-1)
+    a, b = correlated_features(n, d, device="cuda")
     a, b = a.bfloat16().requires_grad_(True), b.bfloat16().requires_grad_(True)
     scale = torch.tensor(100.0, device="cuda", requires_grad=True)
     base = torch.cuda.memory_allocated() + 2 * a.numel() * a.element_size()  # + the gradients

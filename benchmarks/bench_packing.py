@@ -9,13 +9,11 @@ the paper's text width (8 heads of 64, fp32), captions of web-like lengths:
 - ``block_mask``: one SDPA call over the whole packed sequence with a dense ``[T, T]`` boolean
   block-diagonal causal mask.
 
-Caption lengths (start and end tokens included): 2 + round(lognormal(ln 12, 0.55)), at most 77,
-as in benchmarks/bench_step.py. The table prints each layout's time against ``buckets``.
+Caption lengths (start and end tokens included): benchmarks/bench_step.py's ``captions``,
+2 + round(lognormal(median 12, sigma 0.55)), at most 77. The table prints each layout's time against ``buckets``.
 """
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
@@ -30,9 +28,10 @@ _times: dict[tuple[str, int], float] = {}
 
 
 def caption_lengths(batch: int, seed: int = 0) -> list[int]:
-    gen = torch.Generator().manual_seed(seed)
-    draws = torch.randn(batch, generator=gen) * 0.55 + math.log(12)
-    return [min(CONTEXT, 2 + round(math.exp(x))) for x in draws.tolist()]
+    """Web-like caption lengths: benchmarks/bench_step.py's distribution."""
+    from benchmarks.bench_step import captions
+
+    return captions(batch, CONTEXT, torch.Generator().manual_seed(seed))[1]
 
 
 def _layout(name: str, lengths: list[int]):

@@ -20,9 +20,7 @@ The probe alone: ``python -m benchmarks.bench_siglip --impl ours --n 4096 --d 51
 
 from __future__ import annotations
 
-import argparse
 import inspect
-import json
 import os
 
 import pytest
@@ -55,9 +53,9 @@ def make_inputs(n: int, d: int, dtype, seed: int = 0):
     all requiring grad."""
     import torch
 
-    gen = torch.Generator().manual_seed(seed)
-    img = torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=-1).to(dtype)
-    txt = torch.nn.functional.normalize(torch.randn(n, d, generator=gen) + img, dim=-1).to(dtype)
+    from benchmarks.peak_memory import correlated_features
+
+    img, txt = correlated_features(n, d, dtype, seed)
     scalars = torch.tensor(10.0), torch.tensor(-10.0)
     return tuple(t.requires_grad_(True) for t in (img, txt, *scalars))
 
@@ -134,13 +132,9 @@ def _report(report, n, matmul_peak):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Peak extra memory of one SigLIP loss forward + backward.")
-    parser.add_argument("--impl", required=True, choices=IMPLS)
-    parser.add_argument("--n", type=int, required=True)
-    parser.add_argument("--d", type=int, required=True)
-    parser.add_argument("--dtype", default="float32")
-    args = parser.parse_args()
-    print(json.dumps(measure(args.impl, args.n, args.d, args.dtype)))
+    from benchmarks.peak_memory import probe_main
+
+    probe_main(measure, IMPLS, "Peak extra memory of one SigLIP loss forward + backward.")
 
 
 if __name__ == "__main__":

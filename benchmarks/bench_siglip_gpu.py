@@ -19,6 +19,7 @@ import math
 import pytest
 import torch
 
+from benchmarks.peak_memory import correlated_features
 from benchmarks.peaks import cuda_time, gpu_bf16_matmul_tflops
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -57,9 +58,7 @@ def _loss_fn(impl):
 @pytest.mark.parametrize("impl", ["ours", "open_clip", "open_clip_chunked", "siglip_kernel"])
 def test_siglip_gpu(benchmark, report, matmul_tflops, impl, n):
     loss_fn = _loss_fn(impl)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    a = torch.nn.functional.normalize(torch.randn(n, D, device="cuda", generator=gen), dim=-1)
-    b = torch.nn.functional.normalize(torch.randn(n, D, device="cuda", generator=gen) + a, dim=-1)
+    a, b = correlated_features(n, D, device="cuda")
     a, b = a.bfloat16().requires_grad_(True), b.bfloat16().requires_grad_(True)
     scale = torch.tensor(10.0, device="cuda", requires_grad=True)
     bias = torch.tensor(-10.0, device="cuda", requires_grad=True)

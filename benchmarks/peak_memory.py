@@ -36,12 +36,22 @@ def loss_module(impl: str):
     return ClipLoss()
 
 
+def correlated_features(n: int, d: int, dtype=None, seed: int = 0, device: str = "cpu"):
+    """Unit image features ``[n, d]`` and text features correlated with them (each its image's
+    plus noise, normalised): a non-flat loss, as trained features give. The loss benchmarks'
+    inputs, drawn on ``device``; cast to ``dtype`` when given."""
+    import torch
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    img = torch.nn.functional.normalize(torch.randn(n, d, device=device, generator=gen), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(n, d, device=device, generator=gen) + img, dim=-1)
+    return (img, txt) if dtype is None else (img.to(dtype), txt.to(dtype))
+
+
 def make_inputs(n: int, d: int, dtype, seed: int = 0):
     import torch
 
-    gen = torch.Generator().manual_seed(seed)
-    img = torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=-1).to(dtype)
-    txt = torch.nn.functional.normalize(torch.randn(n, d, generator=gen) + img, dim=-1).to(dtype)
+    img, txt = correlated_features(n, d, dtype, seed)
     scale = torch.tensor(1 / 0.07)
     return img.requires_grad_(True), txt.requires_grad_(True), scale.requires_grad_(True)
 
@@ -76,14 +86,20 @@ def measure(impl: str, n: int, d: int, dtype: str = "float32") -> dict:
     return {"impl": impl, "n": n, "d": d, "extra_bytes": extra}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--impl", required=True, choices=["ours", "open_clip"])
+def probe_main(measure_fn, impls: list[str], description: str) -> None:
+    """The probe's command line (what :func:`in_fresh_process` runs): ``--impl --n --d
+    [--dtype]``, prints ``measure_fn(impl, n, d, dtype)`` as JSON."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--impl", required=True, choices=impls)
     parser.add_argument("--n", type=int, required=True)
     parser.add_argument("--d", type=int, required=True)
     parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
-    print(json.dumps(measure(args.impl, args.n, args.d, args.dtype)))
+    print(json.dumps(measure_fn(args.impl, args.n, args.d, args.dtype)))
+
+
+def main() -> None:
+    probe_main(measure, ["ours", "open_clip"], __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -27,8 +27,9 @@ Attention (:func:`packed_attention`):
   measurement (``python -m benchmarks.run benchmarks/bench_packing.py``, 2-core CPU, fp32,
   8 heads of 64, forward + backward, web-like caption lengths) against one padded batch at the
   longest caption and one SDPA call with a dense block-diagonal ``[T, T]`` mask: at batch 128
-  (2,127 tokens, longest 77) buckets take 37 ms, the longest-caption batch 2.4x that, the mask
-  6.9x; at batch 16 (232 tokens, longest 26) all are within 2 ms (the padded batch 0.92x).
+  (2,127 tokens, longest 77) buckets take 37-43 ms, the longest-caption batch 2.4-2.9x that, the
+  mask 6.6-6.9x (two runs); at batch 16 (232 tokens, longest 26) all are within 2 ms (the padded
+  batch 0.76-0.92x).
 
 ``multiple`` rounds the packed length up with one filler caption (its rows are computed and
 dropped), so a compiled tower sees few distinct shapes.
@@ -48,7 +49,7 @@ def lengths_from_tokens(tokens: torch.Tensor, eot_id: int) -> torch.Tensor:
     """Tokens per caption up to and including its first ``eot_id`` (the whole row if none):
     int64 ``[B]`` on the tokens' device."""
     is_eot = tokens == eot_id
-    first = is_eot.int().argmax(dim=-1)
+    first = is_eot.int().argmax(dim=-1)  # argmax returns the first maximal index
     last = torch.full_like(first, tokens.shape[-1] - 1)
     return torch.where(is_eot.any(dim=-1), first, last).to(torch.int64) + 1
 
@@ -57,13 +58,15 @@ def lengths_from_tokens(tokens: torch.Tensor, eot_id: int) -> torch.Tensor:
 class PackPlan:
     """The packed layout of ``B`` padded captions ``[B, L]`` (see the module docstring).
 
-    ``lengths``: host list of the caption lengths (each in 1..L); ``total``: packed rows including
-    the filler (``>= sum(lengths)``); on the tokens' device: ``gather [total]`` (flat index
+    ``lengths``: host list of the caption lengths (each in 1..L); ``seqlens``: every packed
+    sequence's length, the filler captions included (sums to ``total``, the packed rows,
+    ``>= sum(lengths)``); on the tokens' device: ``gather [total]`` (flat index
     ``b * L + p`` of each packed row's token; the filler reads token 0), ``positions [total]``,
     ``pool [B]`` (each caption's EOT row), ``starts [B]`` (each caption's first row).
     """
 
     lengths: list[int]
+    seqlens: list[int]
     context: int
     total: int
     gather: torch.Tensor
@@ -101,8 +104,9 @@ class PackPlan:
         rows = torch.repeat_interleave(torch.arange(len(seqs)), lens)
         gather = torch.where(rows < b, rows * context + positions, torch.zeros_like(rows))
         dev = tokens.device
-        plan = cls(
+        return cls(
             lengths=host,
+            seqlens=seqs,
             context=context,
             total=total,
             gather=gather.to(dev, non_blocking=True),
@@ -110,13 +114,6 @@ class PackPlan:
             pool=(starts[:b] + lens[:b] - 1).to(dev, non_blocking=True),
             starts=starts[:b].to(dev, non_blocking=True),
         )
-        plan._cache["seqs"] = seqs
-        return plan
-
-    @property
-    def seqlens(self) -> list[int]:
-        """Every packed sequence's length, the filler included (sums to ``total``)."""
-        return self._cache["seqs"]
 
     def packed_index(self, flat: torch.Tensor) -> torch.Tensor:
         """Flat padded indices ``b * L + p`` (p < the caption's length) -> packed rows."""

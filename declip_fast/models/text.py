@@ -33,7 +33,7 @@ from torch import nn
 
 from declip_fast.models.attention import Backend, resolve_backend
 from declip_fast.models.init import normal_
-from declip_fast.models.packing import PackPlan
+from declip_fast.models.packing import PackPlan, lengths_from_tokens
 from declip_fast.models.transformer import Transformer
 
 SOT_ID = 49406
@@ -60,9 +60,7 @@ class TextConfig:
 
 def eot_positions(tokens: torch.Tensor, eot_id: int = EOT_ID) -> torch.Tensor:
     """Index of the first ``eot_id`` in each row of ``tokens [B, L]`` (the last index if none)."""
-    is_eot = tokens == eot_id
-    first = is_eot.int().argmax(dim=-1)  # argmax returns the first maximal index
-    return torch.where(is_eot.any(dim=-1), first, torch.full_like(first, tokens.shape[-1] - 1))
+    return lengths_from_tokens(tokens, eot_id) - 1
 
 
 class TextTransformer(nn.Module):
