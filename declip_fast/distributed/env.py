@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from declip_fast.distributed import host_memory as host_memory_module
+
 
 def initialized() -> bool:
     """A torch.distributed process group is up."""
@@ -67,10 +69,16 @@ class Env:
         return self.rank == 0
 
 
-def setup(device: str = "auto") -> Env:
+def setup(device: str = "auto", host_memory: str = "retain") -> Env:
     """Resolve the device and join the job: under torchrun, set this process's GPU and
-    initialise the process group (once; an existing group is kept)."""
+    initialise the process group (once; an existing group is kept). On the CPU with
+    ``host_memory="retain"``, freed tensor memory stays in the process
+    (``declip_fast.distributed.host_memory``); ``"system"`` leaves the C library's defaults."""
+    if host_memory not in ("retain", "system"):
+        raise ValueError(f"host_memory must be retain or system, got {host_memory!r}")
     dev = resolve_device(device)
+    if dev.type == "cpu" and host_memory == "retain":
+        host_memory_module.retain_freed_memory()
     if not initialized() and launched_world_size() > 1:
         if dev.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -60,6 +60,7 @@ class TrainConfig:
     resume: str = "auto"  # auto | never | path to a checkpoint folder
     seed: int = 0
     device: str = "auto"  # auto (cuda when available) | cpu | cuda
+    host_memory: str = "retain"  # retain | system: CPU runs keep freed memory (distributed.host_memory)
     precision: str = "fp32"  # fp32 | bf16 (FSDP2 mixed precision: bf16 compute, fp32 reduce)
     log_every: int = 1  # metrics rows are written every step; the console/TensorBoard every N
     progress: bool = True
@@ -82,6 +83,8 @@ class TrainConfig:
             )
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.host_memory not in ("retain", "system"):
+            raise ValueError(f"host_memory must be retain or system, got {self.host_memory!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
         if not isinstance(self.resume, str) or not self.resume:

@@ -111,7 +111,7 @@ class Trainer(RecoveryMixin):
         cfg = self.config
         check_run(cfg)
         try:
-            self.env = env.setup(cfg.device)
+            self.env = env.setup(cfg.device, cfg.host_memory)
         except ValueError as err:
             raise ConfigError(str(err)) from None
         self.device, self.rank, self.world = self.env.device, self.env.rank, self.env.world_size
