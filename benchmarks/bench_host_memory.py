@@ -8,9 +8,10 @@ glibc's adaptive ones), so every (step, setting) pair runs in a fresh Python pro
 trainer does (``distributed.env.setup("cpu", host_memory=SETTING)``), builds the step of
 ``benchmarks/bench_step.py`` (ViT-B/32 + 12-layer text, batch 16, fp32, realistic captions),
 runs ``WARMUP`` untimed steps and then ``ROUNDS`` timed ones, and prints one JSON line: the
-median step time, the minor page faults per timed step (``getrusage``) and the peak resident
-set (``VmHWM``). The pairs run interleaved (DeCLIP system, DeCLIP retain, CLIP system, CLIP retain), so a
-busy spell on the machine hits both settings alike. CPU only: on a GPU the step's tensors are
+median step time, the minor page faults per timed step (``getrusage``), each part of the step
+timed alone as ``bench_step.measure_parts`` does (the image towers are the largest) and the peak
+resident set (``VmHWM``). The pairs run interleaved (DeCLIP system, DeCLIP retain, CLIP
+system, CLIP retain), so a busy spell on the machine hits both settings alike. CPU only: on a GPU the step's tensors are
 on the device (the CUDA caching allocator already keeps them).
 """
 
@@ -50,6 +51,7 @@ def child(impl: str, setting: str) -> dict:
         step()
         times.append(time.perf_counter() - start)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    parts = bench_step.measure_parts(step, bench_step.CASES[CASE])
     return dict(
         impl=impl,
         setting=setting,
@@ -57,6 +59,7 @@ def child(impl: str, setting: str) -> dict:
         median_s=statistics.median(times),
         times_s=times,
         minor_faults_per_step=faults / ROUNDS,
+        parts_s=parts,
         max_rss_mib=peak_rss_mib(),
         threads=torch.get_num_threads(),
     )
@@ -102,6 +105,8 @@ def test_host_memory(benchmark, report):
             system_ms=f"{before['median_s'] * 1e3:.0f}",
             retain_ms=f"{after['median_s'] * 1e3:.0f}",
             retain_vs_system=f"{after['median_s'] / before['median_s']:.2f}x",
+            image_towers_system_ms=f"{before['parts_s']['image towers'] * 1e3:.0f}",
+            image_towers_retain_ms=f"{after['parts_s']['image towers'] * 1e3:.0f}",
             faults_per_step_system=f"{before['minor_faults_per_step']:,.0f}",
             faults_per_step_retain=f"{after['minor_faults_per_step']:,.0f}",
             peak_rss_system_MiB=f"{before['max_rss_mib']:,.0f}",
