@@ -19,9 +19,10 @@ than the CLIP step's, although both run the same shapes.
 The process's resident memory then stays near its peak between steps instead of dropping and
 refilling, as PyTorch's CUDA caching allocator does for GPU memory; a repeating step reuses the
 same blocks, so it grows little (measured: the paper-size steps' peak resident set 1-7% above
-glibc's defaults, the 7% where differently shaped passes also ran in the process). Keeping blocks of up to 32 MiB only (``M_MMAP_THRESHOLD``
-at its maximum) was measured too: 2-4% slower than this, its steps still faulting ~15,000-34,000
-times on the large blocks. Setting these turns off glibc's adaptive thresholds;
+glibc's defaults, the 7% where differently shaped passes also ran in the process). Keeping
+blocks of up to 32 MiB only (``M_MMAP_THRESHOLD`` at its maximum) was measured too: 2-4% slower
+than this, its steps still faulting ~15,000-34,000 times on the large blocks. Setting these
+turns off glibc's adaptive thresholds;
 ``MALLOC_MMAP_MAX_`` / ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` or a
 ``glibc.malloc`` tunable in the environment, or a preloaded jemalloc / tcmalloc / mimalloc, are
 the user's choice and left alone. On anything other than glibc this does nothing.
