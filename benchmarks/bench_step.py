@@ -98,6 +98,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from benchmarks.machine import intra_op_threads
 from declip_fast.data import masking
 from declip_fast.distributed import env
 from declip_fast.losses import ClipLoss, DeCLIPLoss
@@ -226,22 +227,12 @@ def _sdpa_attention(model: nn.Module):
             m.backend = b
 
 
-@contextlib.contextmanager
-def _one_cpu_thread():
-    """One intra-op thread: our tiled CPU kernels (MLM linear cross-entropy, contrastive loss, NNS
-    lookup; ``kernels.cpu_threads``) then run their blocks on the caller's thread instead of Python
-    worker threads, where the thread-local FlopCounterMode would not see them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def count_flops(fn: Callable[[], object], model: nn.Module) -> int:
     """FLOPs of one call of ``fn`` (forward + backward), eager."""
-    single = contextlib.nullcontext() if ON_GPU else _one_cpu_thread()
+    # One intra-op thread on the CPU: our tiled CPU kernels (MLM linear cross-entropy, contrastive
+    # loss, NNS lookup; ``kernels.cpu_threads``) then run their blocks on the caller's thread, not
+    # in Python worker threads, where the thread-local FlopCounterMode would not see them.
+    single = contextlib.nullcontext() if ON_GPU else intra_op_threads(1)
     with single, _sdpa_attention(model), FlopCounterMode(display=False, custom_mapping=CUSTOM_FLOPS) as counter:
         fn()
     _sync()

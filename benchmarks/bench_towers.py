@@ -31,6 +31,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.machine import intra_op_threads
 from declip_fast.models import presets
 
 ON_GPU = torch.cuda.is_available()
@@ -72,12 +73,8 @@ def cpu_threads():
     if ON_GPU:
         yield
         return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with intra_op_threads(1):
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

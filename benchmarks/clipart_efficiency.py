@@ -57,7 +57,6 @@ import datetime
 import json
 import logging
 import math
-import os
 import statistics
 import sys
 import time
@@ -69,7 +68,6 @@ if not __package__:  # run as a script: make the benchmarks package importable
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import data_efficiency  # noqa: E402
-from benchmarks.machine import cpu_name, git_state  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 METHODS = ("clip", "declip")  # data_efficiency.METHODS: the overrides of each
@@ -305,13 +303,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "clipart_efficiency")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default=None, help="output stem (default clipart_efficiency-<date>-cpu)")
-    parser.add_argument(
-        "--set",
-        nargs="*",
-        default=[],
-        metavar="KEY=VALUE",
-        help="more overrides of the demo preset for every run, e.g. data.batch_size=64",
-    )
+    data_efficiency.add_overrides_argument(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     import numpy as np
@@ -338,13 +330,11 @@ def main(argv=None) -> dict:
         )
         records.append(record)
     date = datetime.date.today().isoformat()
-    commit, dirty = git_state()
     stats = json.loads((args.data / "summary.json").read_text())
+    classes = json.loads((args.data / "classes.json").read_text())
     methods = list(METHODS) + ([] if args.no_ablations else list(ABLATIONS))
     meta = {
-        "date": date,
-        "device": f"CPU ({os.cpu_count()} cores, {cpu_name()})",
-        "commit": (commit or "unknown")[:7] + (" (uncommitted changes)" if dirty else ""),
+        **data_efficiency.run_meta(date),
         "steps": steps,
         "seeds": args.seeds,
         "fractions": fractions,
@@ -355,10 +345,10 @@ def main(argv=None) -> dict:
         "batch_size": base.data.batch_size,
         "image_size": base.data.image_size,
         "data": str(args.data),
-        "data_build": json.loads((args.data / "classes.json").read_text()).get("build"),
+        "data_build": classes.get("build"),
         "train_pairs": stats.get("written", {}).get("train", stats["splits"]["train"]),
         "test_images": len(np.load(args.data / "test_labels.npy")),
-        "classes": len(json.loads((args.data / "classes.json").read_text())["classes"]),
+        "classes": len(classes["classes"]),
         "retrieval_images": len(pairs.images),
         "retrieval_texts": len(pairs.captions),
     }

@@ -159,6 +159,27 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def add_overrides_argument(parser: argparse.ArgumentParser) -> None:
+    """``--set KEY=VALUE ...``: overrides of the demo preset for every run of an experiment."""
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="more overrides of the demo preset for every run, e.g. data.batch_size=64",
+    )
+
+
+def run_meta(date: str) -> dict:
+    """Where and from what an experiment ran: the date, this CPU and the commit."""
+    commit, dirty = git_state()
+    return {
+        "date": date,
+        "device": f"CPU ({os.cpu_count()} cores, {cpu_name()})",
+        "commit": (commit or "unknown")[:7] + (" (uncommitted changes)" if dirty else ""),
+    }
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=300)
@@ -169,13 +190,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--demo-data", default=str(ROOT / "data" / "demo"))
     parser.add_argument("--name", default=None, help="output stem (default data_efficiency-<date>-cpu)")
-    parser.add_argument(
-        "--set",
-        nargs="*",
-        default=[],
-        metavar="KEY=VALUE",
-        help="more overrides of the demo preset for every run, e.g. data.batch_size=64",
-    )
+    add_overrides_argument(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     import numpy as np
@@ -197,11 +212,8 @@ def main(argv=None) -> dict:
                 )
                 records.append(record)
     date = datetime.date.today().isoformat()
-    commit, dirty = git_state()
     meta = {
-        "date": date,
-        "device": f"CPU ({os.cpu_count()} cores, {cpu_name()})",
-        "commit": (commit or "unknown")[:7] + (" (uncommitted changes)" if dirty else ""),
+        **run_meta(date),
         "steps": args.steps,
         "seeds": args.seeds,
         "fractions": args.fractions,

@@ -8,6 +8,7 @@ Run as ``python -m benchmarks.machine`` to print it as JSON.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -56,6 +57,19 @@ def device_slug(name: str | None = None) -> str:
         if any(c.isdigit() for c in word):
             break
     return "-".join(w for w in picked if w) or "gpu"
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int):
+    """``torch.set_num_threads(n)`` for the block, the previous count restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _run(*cmd: str) -> str | None:

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     from benchmarks import bench_step
     from declip_fast.distributed import env
 
-    env.setup("cpu" if not bench_step.ON_GPU else "cuda", host_memory=args.host_memory)
+    env.setup(bench_step.DEVICE.type, host_memory=args.host_memory)
     for impl in args.impl or ["ours", "declip"]:
         step = bench_step.build_step(args.case, impl)
         for _ in range(2):

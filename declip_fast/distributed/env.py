@@ -74,7 +74,7 @@ def setup(device: str = "auto", host_memory: str = "retain") -> Env:
     initialise the process group (once; an existing group is kept). On the CPU with
     ``host_memory="retain"``, freed tensor memory stays in the process
     (``declip_fast.distributed.host_memory``); ``"system"`` leaves the C library's defaults."""
-    if host_memory not in ("retain", "system"):
+    if host_memory not in host_memory_module.SETTINGS:
         raise ValueError(f"host_memory must be retain or system, got {host_memory!r}")
     dev = resolve_device(device)
     if dev.type == "cpu" and host_memory == "retain":

@@ -44,6 +44,8 @@ TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int
 _ENV_KEYS = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
 _PRELOADED = ("jemalloc", "tcmalloc", "mimalloc")
 
+SETTINGS = ("retain", "system")  # the trainer's host_memory: this module's setting, or glibc's own
+
 _applied: bool | None = None  # None: not tried yet in this process
 
 
@@ -88,4 +90,4 @@ def retain_freed_memory() -> bool:
     return ok
 
 
-__all__ = ["TRIM_THRESHOLD", "retain_freed_memory", "user_choice"]
+__all__ = ["SETTINGS", "TRIM_THRESHOLD", "retain_freed_memory", "user_choice"]

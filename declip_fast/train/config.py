@@ -35,6 +35,7 @@ from declip_fast import config
 from declip_fast.atomic import atomic_write
 from declip_fast.config import to_dict
 from declip_fast.data.loader_config import DataConfig
+from declip_fast.distributed.host_memory import SETTINGS as HOST_MEMORY_SETTINGS
 from declip_fast.losses.declip import DeCLIPLossConfig
 from declip_fast.models.model_config import ModelConfig  # defined with the models (eval reads it)
 from declip_fast.train.errors import ConfigError
@@ -83,7 +84,7 @@ class TrainConfig:
             )
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        if self.host_memory not in ("retain", "system"):
+        if self.host_memory not in HOST_MEMORY_SETTINGS:
             raise ValueError(f"host_memory must be retain or system, got {self.host_memory!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
